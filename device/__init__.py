@@ -1,0 +1,1 @@
+"""The on-device agent: receives models over MQTT, gates them, runs them and reports health."""

@@ -1,0 +1,1 @@
+"""The publisher: plans model rollouts to fleets and follows them through telemetry."""

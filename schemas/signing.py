@@ -1,0 +1,120 @@
+"""Ed25519 signatures over manifests: the publisher signs, devices check against pinned keys.
+
+The signature covers the exact manifest bytes carried inside a ``Deploy``, so there is no
+canonical-form question: what was signed is what is decoded.
+
+Keys are written as hex of the raw 32-byte keys (one line each) so they paste into TOML. A key id is
+the first 16 hex digits of the SHA-256 of the raw public key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from schemas.codec import decode_as, encode
+from schemas.errors import SchemaError
+from schemas.messages import Deploy, Manifest
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+
+class SignatureError(SchemaError):
+    """A deploy whose signature is missing, made by an unpinned key, or wrong."""
+
+
+def key_id(public_key_hex: str) -> str:
+    return hashlib.sha256(bytes.fromhex(public_key_hex)).hexdigest()[:16]
+
+
+def generate_keypair() -> tuple[str, str]:
+    """Return (private_hex, public_hex) of a fresh Ed25519 key pair."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    private = Ed25519PrivateKey.generate()
+    return private.private_bytes_raw().hex(), private.public_key().public_bytes_raw().hex()
+
+
+def write_keypair(directory: str | os.PathLike[str], name: str = "publisher") -> tuple[Path, Path]:
+    """Write NAME.key (mode 0600) and NAME.pub into DIRECTORY; refuse to overwrite a key."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    priv_path, pub_path = out / f"{name}.key", out / f"{name}.pub"
+    if priv_path.exists():
+        raise SignatureError(f"{priv_path} exists; refusing to overwrite a signing key")
+    private_hex, public_hex = generate_keypair()
+    fd = os.open(priv_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(private_hex + "\n")
+    pub_path.write_text(public_hex + "\n")
+    return priv_path, pub_path
+
+
+def load_private_key(path: str | os.PathLike[str]) -> tuple[Ed25519PrivateKey, str]:
+    """Load a private key file; returns the key and its key id."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    try:
+        raw = bytes.fromhex(Path(path).read_text().strip())
+        private = Ed25519PrivateKey.from_private_bytes(raw)
+    except (OSError, ValueError) as exc:
+        raise SignatureError(f"cannot read Ed25519 private key {path}: {exc}") from None
+    return private, key_id(private.public_key().public_bytes_raw().hex())
+
+
+def read_public_key(value: str) -> str:
+    """Accept a hex public key or the path of a .pub file; return the hex key."""
+    text = value.strip()
+    if len(text) != 64 or any(c not in "0123456789abcdef" for c in text.lower()):
+        try:
+            text = Path(value).read_text().strip()
+        except OSError as exc:
+            raise SignatureError(
+                f"{value!r} is neither a hex Ed25519 public key nor a readable file: {exc}"
+            ) from None
+    if len(text) != 64:
+        raise SignatureError(f"public key {text[:16]!r}... is not 32 bytes of hex")
+    return text.lower()
+
+
+def pin_keys(values: list[str]) -> dict[str, Ed25519PublicKey]:
+    """Turn configured public keys (hex or paths) into {key_id: key}."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    pinned: dict[str, Ed25519PublicKey] = {}
+    for value in values:
+        hex_key = read_public_key(value)
+        pinned[key_id(hex_key)] = Ed25519PublicKey.from_public_bytes(bytes.fromhex(hex_key))
+    return pinned
+
+
+def sign(manifest: Manifest, private: Ed25519PrivateKey, kid: str) -> Deploy:
+    body = encode(manifest)
+    return Deploy(rollout_id=manifest.rollout_id, manifest=body, signature=private.sign(body), key_id=kid)
+
+
+def verify(deploy: Deploy, pinned: Mapping[str, Ed25519PublicKey]) -> Manifest:
+    """Return the manifest inside ``deploy`` if a pinned key signed it; raise SignatureError if not."""
+    from cryptography.exceptions import InvalidSignature
+
+    if not deploy.signature:
+        raise SignatureError(f"rollout {deploy.rollout_id}: manifest is unsigned")
+    public = pinned.get(deploy.key_id)
+    if public is None:
+        raise SignatureError(
+            f"rollout {deploy.rollout_id}: signed by key {deploy.key_id}, which this device does not pin"
+        )
+    try:
+        public.verify(deploy.signature, deploy.manifest)
+    except InvalidSignature:
+        raise SignatureError(f"rollout {deploy.rollout_id}: bad signature from key {deploy.key_id}") from None
+    manifest = decode_as(deploy.manifest, Manifest)
+    if manifest.rollout_id != deploy.rollout_id:
+        raise SignatureError(
+            f"deploy says rollout {deploy.rollout_id} but its signed manifest says {manifest.rollout_id}"
+        )
+    return manifest

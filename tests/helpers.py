@@ -1,0 +1,62 @@
+"""Helpers shared by the test suite: free ports, an in-process stock amqtt broker, paho clients."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+@contextlib.contextmanager
+def stock_amqtt(port: int | None = None, config: dict[str, Any] | None = None) -> Iterator[int]:
+    """Run an unmodified amqtt broker in a thread on 127.0.0.1; yields its port."""
+    from amqtt.broker import Broker
+
+    port = port or free_port()
+    cfg: dict[str, Any] = config or {
+        "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}},
+        "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+    }
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+    holder: dict[str, Any] = {}
+
+    async def main() -> None:
+        broker = Broker(cfg)
+        await broker.start()
+        holder["broker"] = broker
+        started.set()
+        while not holder.get("stop"):
+            await asyncio.sleep(0.05)
+        await broker.shutdown()
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
+    thread.start()
+    if not started.wait(10):
+        raise TimeoutError("amqtt did not start")
+    try:
+        yield port
+    finally:
+        holder["stop"] = True
+        thread.join(10)
