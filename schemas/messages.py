@@ -262,6 +262,57 @@ class Aggregate(_Base):
     extra: dict[str, Any] = Field(default_factory=dict)
 
 
+# --- operator <-> rollout service -----------------------------------------------------------------
+
+
+class RolloutControl(_Base):
+    """An operator's command to the service that drives a rollout (``fleetbus rollout pause`` ...).
+
+    ``fleetbus serve`` applies it to the rollout's controller; a command that makes no sense in the
+    rollout's current state (resume of a running rollout) is refused in the next ``rollout_status``.
+    """
+
+    kind: Literal["rollout_control"] = "rollout_control"
+    rollout_id: Ident
+    action: Literal["pause", "resume", "cancel"]
+    by: str | None = Field(default=None, max_length=64)
+    reason: str | None = Field(default=None, max_length=256)
+
+
+class WaveProgress(BaseModel):
+    """One wave's progress inside a ``rollout_status``."""
+
+    model_config = ConfigDict(frozen=True)
+
+    index: int = Field(ge=0)
+    state: str
+    devices: int = 0
+    notified: int = 0
+    states: dict[str, int] = Field(default_factory=dict)
+    succeeded_pct: float = 0.0
+    started_at: float | None = None
+    kpis: dict[str, float] = Field(default_factory=dict)
+    gate: str | None = None
+    shadow_agreement: float | None = None
+
+
+class RolloutStatus(_Base):
+    """Where one rollout stands, published retained by ``fleetbus serve`` after every change."""
+
+    kind: Literal["rollout_status"] = "rollout_status"
+    rollout_id: Ident
+    version: str = Field(min_length=1, max_length=64)
+    state: str
+    reason: str | None = None
+    wave: int = Field(default=0, ge=0)
+    waves: list[WaveProgress] = Field(default_factory=list)
+    states: dict[str, int] = Field(default_factory=dict)
+    devices: int = 0
+    skipped: int = 0
+    deferred: int = 0
+    anomalies: int = 0
+
+
 Message = Annotated[
     Manifest
     | Deploy
@@ -275,7 +326,9 @@ Message = Annotated[
     | Results
     | Fetch
     | Shadow
-    | Aggregate,
+    | Aggregate
+    | RolloutControl
+    | RolloutStatus,
     Field(discriminator="kind"),
 ]
 
@@ -293,6 +346,8 @@ MESSAGE_TYPES: tuple[type[_Base], ...] = (
     Fetch,
     Shadow,
     Aggregate,
+    RolloutControl,
+    RolloutStatus,
 )
 KINDS: frozenset[str] = frozenset(t.model_fields["kind"].default for t in MESSAGE_TYPES)
 

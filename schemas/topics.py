@@ -13,6 +13,8 @@ The tree splits by direction so that access rules are prefixes (broker/acl.py):
                                   operator -> one device: a chunk that device asked for again
       dev/{device}/{stream}       device -> world: birth, death, state, health, results, fetch, shadow
       agg/{scope}[/{name}]        aggregator -> backends: retained aggregates (fleet, group, rollout)
+      rollout/{rollout}/control   operator -> rollout service: pause, resume, cancel
+      rollout/{rollout}/status    rollout service -> operators and backends: retained wave progress
 
 Everything a device publishes sits under ``dev/{device}/`` and everything it receives sits
 elsewhere, so a device can never forge a command, a deploy or a chunk.
@@ -103,6 +105,10 @@ def manifest(rollout: str) -> str:
     return f"{PREFIX}/manifest/{validate_id(rollout, 'rollout id')}"
 
 
+def manifest_filter() -> str:
+    return f"{PREFIX}/manifest/+"
+
+
 def blob(sha256: str, index: int) -> str:
     return f"{PREFIX}/blob/{validate_sha(sha256)}/{_index(index)}"
 
@@ -142,6 +148,21 @@ def aggregate(scope: AggregateScope, name: str | None = None) -> str:
     return f"{PREFIX}/agg/{scope.value}/{validate_id(name, what)}"
 
 
+def rollout_control(rollout: str) -> str:
+    return f"{PREFIX}/rollout/{validate_id(rollout, 'rollout id')}/control"
+
+
+def rollout_status(rollout: str) -> str:
+    return f"{PREFIX}/rollout/{validate_id(rollout, 'rollout id')}/status"
+
+
+def rollout_filter(leaf: str) -> str:
+    """All rollouts' ``control`` or ``status`` topics."""
+    if leaf not in ("control", "status"):
+        raise TopicError(f"rollout topics end in control or status, not {leaf!r}")
+    return f"{PREFIX}/rollout/+/{leaf}"
+
+
 def aggregate_filter() -> str:
     return f"{PREFIX}/agg/#"
 
@@ -158,7 +179,8 @@ def shared(group: str, topic_filter: str) -> str:
 class Topic:
     """A parsed fleetbus topic. ``kind`` names the branch; unused fields are None."""
 
-    kind: str  # cmd_dev cmd_grp desired_dev desired_grp manifest blob repair dev agg
+    # cmd_dev cmd_grp desired_dev desired_grp manifest blob repair dev agg rollout_control rollout_status
+    kind: str
     device: str | None = None
     group: str | None = None
     rollout: str | None = None
@@ -186,6 +208,10 @@ class Topic:
                 return repair(_req(self.device), _req(self.sha256), _req(self.index))
             case "dev":
                 return device_stream(_req(self.device), _req(self.stream))
+            case "rollout_control":
+                return rollout_control(_req(self.rollout))
+            case "rollout_status":
+                return rollout_status(_req(self.rollout))
             case "agg":
                 scope = _req(self.scope)
                 name = self.group if scope is AggregateScope.GROUP else self.rollout
@@ -237,6 +263,8 @@ def parse(topic: str) -> Topic:
                 sha256=validate_sha(rest[2]),
                 index=_parse_index(rest[3], topic),
             )
+        if head == "rollout" and n == 3 and rest[2] in ("control", "status"):
+            return Topic(f"rollout_{rest[2]}", rollout=validate_id(rest[1], "rollout id"))
         if head == "dev" and n == 3:
             return Topic("dev", device=validate_id(rest[1]), stream=DeviceStream(rest[2]))
         if head == "agg" and n == 2 and rest[1] == "fleet":

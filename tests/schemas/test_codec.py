@@ -27,9 +27,12 @@ from schemas.messages import (
     Manifest,
     Rebirth,
     Results,
+    RolloutControl,
+    RolloutStatus,
     Shadow,
     State,
     TensorSig,
+    WaveProgress,
 )
 
 SHA = "0123456789abcdef" * 4
@@ -66,6 +69,13 @@ SAMPLES = [
     Fetch(device_id="d1", sha256=SHA, chunk_count=10, bitmap=b"\x01\x00", window=8),
     Shadow(device_id="d1", rollout_id="r1", candidate_version="2", samples=10, agreed=9),
     Aggregate(scope="group", name="g", devices=3, online=2, versions={"1.0": 3}),
+    RolloutControl(rollout_id="r1", action="pause", by="ops"),
+    RolloutStatus(
+        rollout_id="r1",
+        version="2",
+        state="RUNNING",
+        waves=[WaveProgress(index=0, state="ACTIVE", devices=2, states={"SUCCEEDED": 1})],
+    ),
 ]
 
 

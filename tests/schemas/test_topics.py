@@ -33,6 +33,8 @@ def test_every_builder_round_trips_through_the_parser(
         topics.aggregate(topics.AggregateScope.FLEET),
         topics.aggregate(topics.AggregateScope.GROUP, group),
         topics.aggregate(topics.AggregateScope.ROLLOUT, rollout),
+        topics.rollout_control(rollout),
+        topics.rollout_status(rollout),
     ]
     for topic in built:
         assert topics.parse(topic).build() == topic
