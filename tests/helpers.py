@@ -40,15 +40,13 @@ def stock_amqtt(port: int | None = None, config: dict[str, Any] | None = None) -
     }
     loop = asyncio.new_event_loop()
     started = threading.Event()
-    holder: dict[str, Any] = {}
+    stop = asyncio.Event()
 
     async def main() -> None:
         broker = Broker(cfg)
         await broker.start()
-        holder["broker"] = broker
         started.set()
-        while not holder.get("stop"):
-            await asyncio.sleep(0.05)
+        await stop.wait()
         await broker.shutdown()
 
     thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
@@ -58,5 +56,5 @@ def stock_amqtt(port: int | None = None, config: dict[str, Any] | None = None) -
     try:
         yield port
     finally:
-        holder["stop"] = True
+        loop.call_soon_threadsafe(stop.set)
         thread.join(10)
