@@ -119,12 +119,36 @@ def user() -> None:
 @click.argument("name")
 @click.option("--role", type=click.Choice([Role.OPERATOR.value, Role.READER.value]), required=True)
 @registry_option
-def user_add(name: str, role: str, registry_path: Path | None) -> None:
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also write a ready operator.toml (mode 0600) for the publisher CLI and `fleetbus serve`.",
+)
+@click.option("--broker-url", default="mqtt://127.0.0.1:1883", show_default=True, help="For --out.")
+@click.option("--cafile", type=click.Path(dir_okay=False, path_type=Path), default=None, help="For --out.")
+@click.option("--key", default=None, help="For --out: the publisher's Ed25519 signing key file.")
+def user_add(  # noqa: PLR0917 - click passes every parameter by keyword
+    name: str,
+    role: str,
+    registry_path: Path | None,
+    out: Path | None,
+    broker_url: str,
+    cafile: Path | None,
+    key: str | None,
+) -> None:
     """Register NAME as an operator or a reader and print its password once."""
+    from broker.registry_cli import operator_toml, parse_broker_url, write_secret_file
+
+    if out is not None:
+        parse_broker_url(broker_url)
     registry = open_registry(registry_path)
     with _errors():
         password = registry.add(name, role)
     click.echo(f"{role} {name} added to {registry.path}")
     click.echo(f"username: {name}")
     click.echo(f"password: {password}")
+    if out is not None:
+        write_secret_file(out, operator_toml(name, password, broker_url=broker_url, cafile=cafile, key=key))
+        click.echo(f"wrote {out}")
     click.echo("the password is not stored anywhere; `fleetbus device rotate NAME` makes a new one")

@@ -95,7 +95,7 @@ def toml_dumps(doc: Mapping[str, Mapping[str, object]]) -> str:
     return "\n".join(out)
 
 
-def _write_secret_file(path: Path, text: str) -> None:
+def write_secret_file(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -128,6 +128,24 @@ def device_toml(
                 "cafile": str(cafile.resolve()) if cafile else None,
             },
             "trust": {"publisher_keys": list(publisher_keys)},
+        }
+    )
+
+
+def operator_toml(name: str, password: str, *, broker_url: str, cafile: Path | None, key: str | None) -> str:
+    """The text of a ready operator.toml (keys owned by publisher/opconfig.py)."""
+    host, port, tls = parse_broker_url(broker_url)
+    return toml_dumps(
+        {
+            "mqtt": {
+                "host": host,
+                "port": port,
+                "username": name,
+                "password": password,
+                "tls": tls,
+                "cafile": str(cafile.resolve()) if cafile else None,
+            },
+            "publisher": {"key": key},
         }
     )
 
@@ -196,7 +214,7 @@ def add(  # click passes every parameter by keyword
         publisher_keys=keys,
         state_dir=state_dir or f"fleetbus-state/{device_id}",
     )
-    _write_secret_file(out, text)
+    write_secret_file(out, text)
     click.echo(f"device {device_id} added to {registry.path} (groups: {', '.join(principal.groups) or '-'})")
     click.echo(f"username: {device_id}")
     click.echo(f"password: {password}")
@@ -269,6 +287,6 @@ def rotate(principal_id: str, registry_path: Path | None, out: Path | None) -> N
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise click.ClickException(f"cannot update {out}: {exc}") from None
         doc.setdefault("mqtt", {})["password"] = password
-        _write_secret_file(out, toml_dumps(doc))
+        write_secret_file(out, toml_dumps(doc))
         click.echo(f"updated {out}")
     click.echo("the old password is refused from the next connect on")
