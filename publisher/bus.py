@@ -138,13 +138,30 @@ class Bus:
                 self._subscriptions[f] = qos
         if not wanted:
             return
-        result, mid = self._client.subscribe([(f, qos) for f in wanted])
-        if result != mqtt.MQTT_ERR_SUCCESS or mid is None:
-            raise BusError(f"subscribe to {wanted} failed: {mqtt.error_string(result)}")
-        done = self._suback.setdefault(mid, threading.Event())
-        if not done.wait(timeout):
-            raise BusError(f"no SUBACK for {wanted} within {timeout:.0f}s")
-        self._suback.pop(mid, None)
+        deadline = time.monotonic() + timeout
+        while True:
+            result, mid = self._client.subscribe([(f, qos) for f in wanted])
+            if result not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN) or mid is None:
+                raise BusError(f"subscribe to {wanted} failed: {mqtt.error_string(result)}")
+            done = self._suback.setdefault(mid, threading.Event())
+            if result == mqtt.MQTT_ERR_NO_CONN:
+                self._connected.clear()
+            try:
+                while not done.wait(0.05):
+                    if time.monotonic() > deadline:
+                        raise BusError(f"no SUBACK for {wanted} within {timeout:.0f}s")
+                    if not self._connected.is_set():
+                        break  # the broker dropped us mid-subscribe (amqtt does, under connect races)
+                else:
+                    return
+            finally:
+                self._suback.pop(mid, None)
+            # Reconnected sessions are clean: wait for the reconnect, then subscribe again.
+            while not self._connected.wait(0.05):
+                if time.monotonic() > deadline:
+                    raise BusError(
+                        f"disconnected while subscribing to {wanted}; no reconnect within {timeout:.0f}s"
+                    )
 
     # --- publishing -----------------------------------------------------------------------------
 

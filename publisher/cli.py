@@ -167,6 +167,14 @@ _DOCUMENT_SUFFIXES = (".toml", ".yaml", ".yml")
 @click.option("--rollout-id", help="Rollout id (default: VERSION-SHA8-TIME).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON, no progress bars.")
 @click.option("--dry-run", is_flag=True, help="Rollout document: print the plan (waves, skipped) and stop.")
+@click.option(
+    "--server",
+    envvar="FLEETBUS_SERVER",
+    metavar="URL",
+    help="Rollout document: `fleetbus serve --http` that drives it (or [publisher] server in --config).",
+)
+@click.option("--token", envvar="FLEETBUS_TOKEN", help="Bearer token of that server (serve --token).")
+@click.option("--no-follow", is_flag=True, help="Rollout document: hand it over and return at once.")
 def push(
     *,
     model: Path,
@@ -190,23 +198,38 @@ def push(
     rollout_id: str | None,
     as_json: bool,
     dry_run: bool,
+    server: str | None,
+    token: str | None,
+    no_follow: bool,
 ) -> None:
     """Sign and publish MODEL as VERSION to devices and groups, serve its chunks, follow to the end.
 
-    MODEL may instead be a rollout document (.toml, .yaml; docs/rollouts.md): with --dry-run the plan
-    is computed against the fleet the broker knows (retained births) and printed.
+    MODEL may instead be a rollout document (.toml, .yaml; docs/rollouts.md). With --dry-run the plan
+    is computed against the fleet the broker knows (retained births) and printed. Without it the
+    document is checked, signed and handed with its model to `fleetbus serve` (--server), which
+    drives its waves; a progress bar per wave follows it, and Ctrl-C detaches (the rollout goes on).
 
-    Exits 0 when every target reports SUCCEEDED, 1 when any failed or the timeout passed.
+    Exits 0 when every target reports SUCCEEDED (a document: the rollout COMPLETED), 1 when any
+    failed or the timeout passed.
     """
     from publisher.client import Publisher
 
     if model.suffix.lower() in _DOCUMENT_SUFFIXES:
         with _errors():
-            address, _ = _address(
+            address, config_key = _address(
                 broker=broker, username=username, password=password, config=config, tls=tls, cafile=cafile
             )
-            _document_dry_run(model, address, as_json=as_json, dry_run=dry_run)
-        return
+            code = _push_document(
+                model,
+                address,
+                key or config_key,
+                _server(server, token, config) if not dry_run else None,
+                as_json=as_json,
+                dry_run=dry_run,
+                follow=not no_follow,
+                timeout=timeout,
+            )
+        sys.exit(code)
     if dry_run:
         raise click.UsageError("--dry-run plans a rollout document (.toml or .yaml), not a model file")
     if not version:
@@ -282,20 +305,15 @@ def push(
         sys.exit(1)
 
 
-def _document_dry_run(path: Path, address: BrokerAddress, *, as_json: bool, dry_run: bool) -> None:
+def _document_dry_run(path: Path, address: BrokerAddress, *, as_json: bool) -> None:
     """Plan a rollout document against the live fleet and print the plan."""
+    from device.runtime import default_runtime
     from publisher.document import load_document
     from publisher.plan import build_manifest
     from publisher.snapshot import collect
     from publisher.waves import ModelNeeds, plan_rollout, render_plan, render_plan_json
 
     doc = load_document(path)
-    if not dry_run:
-        raise click.UsageError(
-            "publishing a rollout document needs `fleetbus serve` to drive its waves, which is not wired "
-            "yet; use --dry-run to see the plan, or push the model with --to/--group"
-        )
-    from device.runtime import default_runtime
 
     manifest = build_manifest(
         doc.model.path, doc.model.version, options=PlanOptions(golden_count=1), runtime=default_runtime()
@@ -308,6 +326,298 @@ def _document_dry_run(path: Path, address: BrokerAddress, *, as_json: bool, dry_
 
 def _succeeded(result: Any) -> list[str]:
     return [d for d, o in result.outcomes.items() if o.status is not None and o.status.value == "SUCCEEDED"]
+
+
+def _push_document(
+    path: Path,
+    address: BrokerAddress,
+    key: Path | None,
+    server: tuple[str, str | None] | None,
+    *,
+    as_json: bool,
+    dry_run: bool,
+    follow: bool,
+    timeout: float,
+) -> int:
+    if dry_run or server is None:
+        _document_dry_run(path, address, as_json=as_json)
+        return 0
+    if key is None:
+        raise click.UsageError("a signing key is needed: --key FILE, or [publisher] key in --config")
+    rollout_id = _document_submit(path, key, server[0], server[1], as_json=as_json)
+    if not follow:
+        if as_json:
+            click.echo(json.dumps({"rollout_id": rollout_id}))
+        return 0
+    return _follow(address, rollout_id, as_json=as_json, timeout=timeout)
+
+
+def _server(server: str | None, token: str | None, config: Path | None) -> tuple[str, str | None]:
+    """The URL of `fleetbus serve --http` and its token, from options or operator.toml."""
+    if config is not None and (server is None or token is None):
+        loaded = load_operator_config(config)
+        server = server or loaded.server
+        token = token if token is not None else loaded.token
+    if not server:
+        raise click.UsageError(
+            "a rollout document is driven by `fleetbus serve --http HOST:PORT --key KEY`: give its URL "
+            "with --server, FLEETBUS_SERVER or [publisher] server in --config "
+            "(or see the plan with --dry-run)"
+        )
+    if "://" not in server:
+        server = f"http://{server}"
+    return server, token
+
+
+def _document_submit(path: Path, key: Path, server: str, token: str | None, *, as_json: bool) -> str:
+    """Check and sign a rollout document, upload its model and hand both to serve; the rollout id."""
+    from publisher.document import load_document, validate_document
+    from publisher.http import submit_rollout, upload_blob
+    from publisher.plan import digest_file
+    from publisher.submission import sign_submission
+    from schemas.signing import SignatureError, load_private_key
+
+    doc = validate_document(load_document(path))  # the model file exists; serve checks the fleet
+    try:
+        private, kid = load_private_key(key)
+    except SignatureError as exc:
+        raise click.ClickException(str(exc)) from None
+    digest = digest_file(doc.model.path)
+    signed = sign_submission(doc, digest.sha256, digest.size, private=private, key_id=kid)
+    upload_blob(server, doc.model.path, digest.sha256, token=token)
+    answer = submit_rollout(server, signed, token=token)
+    rollout = answer.get("rollout") or {}
+    rollout_id = str(rollout.get("rollout_id") or doc.rollout_id)
+    if not as_json:
+        click.echo(
+            f"rollout {rollout_id} handed to {server}: {rollout.get('devices', '?')} devices in "
+            f"{len(rollout.get('waves') or [])} waves, {rollout.get('skipped', 0)} skipped",
+            err=True,
+        )
+    return rollout_id
+
+
+def _follow(address: BrokerAddress, rollout_id: str, *, as_json: bool, timeout: float) -> int:
+    """Follow a rollout's retained status until it is final; the exit code (0: COMPLETED)."""
+    from publisher.fleetview import rollout_json
+    from publisher.follow import FINAL_STATES, StatusWatch, WaveBars
+
+    deadline = time.monotonic() + timeout
+    status = None
+    with Bus(address) as bus:
+        watch = StatusWatch(bus, rollout_id).start()
+        bars = None if as_json else WaveBars()
+        seen = 0
+        try:
+            if bars is not None:
+                bars.progress.start()
+            while True:
+                status = watch.get(rollout_id)
+                if status is not None and bars is not None:
+                    bars.update(status)
+                if status is not None and status.state in FINAL_STATES:
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                seen = watch.wait_change(seen, min(left, 0.5))
+        except KeyboardInterrupt:
+            if bars is not None:
+                bars.progress.stop()
+            click.echo(
+                f"detached: rollout {rollout_id} keeps running in fleetbus serve; "
+                f"`fleetbus rollout status {rollout_id}` shows it",
+                err=True,
+            )
+            return 130
+        finally:
+            if bars is not None:
+                bars.progress.stop()
+    if as_json:
+        click.echo(json.dumps(rollout_json(status) if status else {"rollout_id": rollout_id}, indent=2))
+    if status is None or status.state not in FINAL_STATES:
+        click.echo(
+            f"rollout {rollout_id} still {status.state if status else 'unreported'} after {timeout:.0f}s; "
+            "it keeps running",
+            err=True,
+        )
+        return 1
+    if not as_json:
+        click.echo(f"rollout {rollout_id}: {status.state}" + (f" ({status.reason})" if status.reason else ""))
+    return 0 if status.state == "COMPLETED" else 1
+
+
+def _watch_statuses(address: BrokerAddress, rollout_id: str | None, wait: float) -> list[Any]:
+    from publisher.follow import StatusWatch
+
+    with Bus(address) as bus:
+        watch = StatusWatch(bus, rollout_id).start()
+        if rollout_id is not None:
+            found = watch.get(rollout_id, wait)
+            return [found] if found is not None else []
+        # Retained statuses follow the SUBACK at once, but nothing marks their end: wait a moment.
+        time.sleep(wait)
+        return watch.snapshot()
+
+
+@rollout.command("status")
+@click.argument("rollout_id")
+@_connection_options
+@click.option("--wait", default=3.0, show_default=True, help="Seconds to wait for the retained status.")
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+def status_command(
+    *,
+    rollout_id: str,
+    broker: str | None,
+    username: str | None,
+    password: str | None,
+    tls: bool,
+    cafile: str | None,
+    config: Path | None,
+    wait: float,
+    as_json: bool,
+) -> None:
+    """Show one rollout's waves, device states and KPIs (its retained rollout_status)."""
+    from rich.console import Console
+
+    from publisher.fleetview import rollout_json
+    from publisher.follow import status_table
+
+    with _errors():
+        address, _ = _address(
+            broker=broker, username=username, password=password, config=config, tls=tls, cafile=cafile
+        )
+        found = _watch_statuses(address, rollout_id, wait)
+    if not found:
+        raise click.ClickException(f"no status for rollout {rollout_id!r} (is `fleetbus serve` driving it?)")
+    if as_json:
+        click.echo(json.dumps(rollout_json(found[0]), indent=2))
+    else:
+        Console(width=None if sys.stdout.isatty() else 160).print(status_table(found[0]))
+
+
+@rollout.command("list")
+@_connection_options
+@click.option("--wait", default=1.0, show_default=True, help="Seconds to gather retained statuses.")
+@click.option("--json", "as_json", is_flag=True, help="Print the rollouts as a JSON list.")
+def list_command(
+    *,
+    broker: str | None,
+    username: str | None,
+    password: str | None,
+    tls: bool,
+    cafile: str | None,
+    config: Path | None,
+    wait: float,
+    as_json: bool,
+) -> None:
+    """List every rollout `fleetbus serve` drives or drove, with its state."""
+    from publisher.fleetview import rollout_json
+
+    with _errors():
+        address, _ = _address(
+            broker=broker, username=username, password=password, config=config, tls=tls, cafile=cafile
+        )
+        found = _watch_statuses(address, None, wait)
+    if as_json:
+        click.echo(json.dumps([rollout_json(s) for s in found], indent=2))
+        return
+    for s in found:
+        ok = s.states.get("SUCCEEDED", 0)
+        click.echo(
+            f"{s.rollout_id:<40} {s.version:<12} {s.state:<12} wave {s.wave + 1}/{len(s.waves)} "
+            f"{ok}/{s.devices} succeeded" + (f"  ({s.reason})" if s.reason else "")
+        )
+
+
+_EXPECTED = {"pause": ("PAUSED",), "resume": ("RUNNING", "COMPLETED"), "cancel": ("CANCELED",)}
+
+
+def _control_command(action: str) -> Callable[..., None]:
+    @_connection_options
+    @click.argument("rollout_id")
+    @click.option("--reason", help="Why (shown in the rollout's status).")
+    @click.option("--by", "by", help="Who (default: $USER).", envvar="USER")
+    @click.option("--server", envvar="FLEETBUS_SERVER", metavar="URL", help="Use serve's HTTP API (sync).")
+    @click.option("--token", envvar="FLEETBUS_TOKEN", help="Bearer token of that server.")
+    @click.option("--wait", default=10.0, show_default=True, help="Seconds to wait for the confirmation.")
+    @click.option("--json", "as_json", is_flag=True, help="Print the resulting status as JSON.")
+    def command(
+        *,
+        rollout_id: str,
+        reason: str | None,
+        by: str | None,
+        server: str | None,
+        token: str | None,
+        broker: str | None,
+        username: str | None,
+        password: str | None,
+        tls: bool,
+        cafile: str | None,
+        config: Path | None,
+        wait: float,
+        as_json: bool,
+    ) -> None:
+        from publisher.fleetview import rollout_json
+
+        with _errors():
+            address, _ = _address(
+                broker=broker, username=username, password=password, config=config, tls=tls, cafile=cafile
+            )
+            if server is not None:
+                from publisher.http import post_control
+
+                url = server if "://" in server else f"http://{server}"
+                answer = post_control(url, rollout_id, action, by=by, reason=reason, token=token)  # type: ignore[arg-type]
+                result = answer.get("rollout") or answer
+                click.echo(
+                    json.dumps(result, indent=2)
+                    if as_json
+                    else f"rollout {rollout_id}: {result.get('state')}"
+                )
+                return
+            status = _control_over_mqtt(address, rollout_id, action, by=by, reason=reason, wait=wait)
+        click.echo(
+            json.dumps(rollout_json(status), indent=2) if as_json else f"rollout {rollout_id}: {status.state}"
+        )
+
+    command.__doc__ = (
+        f"{action.capitalize()} a staged rollout (over MQTT, or serve's HTTP API with --server)."
+    )
+    return command
+
+
+def _control_over_mqtt(
+    address: BrokerAddress, rollout_id: str, action: str, *, by: str | None, reason: str | None, wait: float
+) -> Any:
+    from publisher.errors import RolloutError
+    from publisher.follow import StatusWatch
+    from schemas import topics
+    from schemas.codec import encode
+    from schemas.messages import RolloutControl
+
+    command = RolloutControl(rollout_id=rollout_id, action=action, by=by, reason=reason)  # type: ignore[arg-type]
+    with Bus(address) as bus:
+        watch = StatusWatch(bus, rollout_id).start()
+        before = watch.get(rollout_id, 2.0)
+        if before is None:
+            raise RolloutError(f"no status for rollout {rollout_id!r}: is `fleetbus serve` driving it?")
+        bus.wait_published([bus.publish(topics.rollout_control(rollout_id), encode(command), qos=1)])
+        deadline = time.monotonic() + wait
+        seen = 0
+        while time.monotonic() < deadline:
+            current = watch.get(rollout_id)
+            if current is not None and current.ts > before.ts and current.state in _EXPECTED[action]:
+                return current
+            seen = watch.wait_change(seen, 0.5)
+    raise RolloutError(
+        f"{action} sent, but rollout {rollout_id} is still {before.state} after {wait:g}s; the controller "
+        "refuses it in this state, or `fleetbus serve` is not running"
+    )
+
+
+for _action in ("pause", "resume", "cancel"):
+    rollout.command(_action)(_control_command(_action))
 
 
 # --- serve ----------------------------------------------------------------------------------------
@@ -332,6 +642,21 @@ def _succeeded(result: Any) -> list[str]:
 @click.option("--share", help="Join shared subscription $share/SHARE/... (Mosquitto; amqtt has none).")
 @click.option("--http", "http_bind", metavar="HOST:PORT", help="Serve the dashboard, JSON API and /metrics.")
 @click.option("--client-id", help="MQTT client id (default: random).")
+@click.option(
+    "--key",
+    "-k",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Ed25519 key that signs deploys: drives staged rollouts (or [publisher] key in --config).",
+)
+@click.option(
+    "--blobs",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where model files are kept, by SHA-256 (default: DB.blobs next to --db).",
+)
+@click.option("--trust", multiple=True, help="Also accept documents signed by this public key (hex or .pub).")
+@click.option(
+    "--token", envvar="FLEETBUS_TOKEN", help="Require 'Authorization: Bearer TOKEN' on HTTP writes."
+)
 def serve(
     *,
     broker: str | None,
@@ -347,16 +672,26 @@ def serve(
     share: str | None,
     http_bind: str | None,
     client_id: str | None,
+    key: Path | None,
+    blobs: Path | None,
+    trust: tuple[str, ...],
+    token: str | None,
 ) -> None:
-    """Aggregate fleet telemetry: store it, publish aggregates, print the fleet table on request."""
+    """Aggregate fleet telemetry: store it, publish aggregates, print the fleet table on request.
+
+    With a signing key it also drives staged rollouts: documents arrive on the HTTP API (--http,
+    from `fleetbus rollout push DOC`), pause/resume/cancel over MQTT or HTTP (docs/rollouts.md).
+    """
     import structlog
 
+    from publisher.driver import RolloutDriver
     from publisher.service import Aggregator, ServeOptions
     from publisher.store import SqliteStore
 
     log = structlog.get_logger("publisher.serve")
+    driver: RolloutDriver | None = None
     with _errors():
-        address, _ = _address(
+        address, config_key = _address(
             broker=broker, username=username, password=password, config=config, tls=tls, cafile=cafile
         )
         store = SqliteStore(db)
@@ -366,11 +701,20 @@ def serve(
         )
         aggregator = Aggregator(bus, store, options)
         restored = aggregator.restore()
+        signing_key = key or config_key
+        if signing_key is not None:
+            driver = RolloutDriver(
+                bus, store, signing_key, blobs or db.with_name(db.name + ".blobs"), trusted=trust
+            )
+            driver.attach(aggregator)
+            driver.restore()
         bus.connect()
+        if driver is not None:
+            driver.start()
         aggregator.start()
         if http_bind:
             host, _, port = http_bind.rpartition(":")
-            handle = aggregator.serve_http(host or "127.0.0.1", int(port))
+            handle = aggregator.serve_http(host or "127.0.0.1", int(port), token=token)
             log.info("http listening", url=f"{handle.url}/", api=f"{handle.url}/api/fleet")
     signal.signal(signal.SIGUSR1, lambda *_: aggregator.request_table())
     signal.signal(signal.SIGTERM, lambda *_: aggregator.stop())
@@ -380,6 +724,8 @@ def serve(
     except KeyboardInterrupt:
         aggregator.stop()
     finally:
+        if driver is not None:
+            driver.stop()
         aggregator.print_table()
         bus.close()
         store.close()

@@ -89,6 +89,13 @@ class Rollup:
         return percentile(self.latencies, 95)
 
 
+def base_rollout_id(execution: str) -> str:
+    """The rollout an execution id belongs to: ``r1`` for ``r1``, ``r1:r2``, ``r1:shadow`` and ``r1:rb``."""
+    from publisher.rollout_events import parse_execution_id
+
+    return parse_execution_id(execution.removesuffix(":rb"))[0]
+
+
 def percentile(values: list[float], pct: float) -> float | None:
     """Nearest-rank percentile; None for no values."""
     if not values:
@@ -170,7 +177,7 @@ class Fleet:
         elif m.ts < view.state_ts:
             self.counters["stale_states"] += 1
             return False
-        if self.rollouts and m.rollout_id not in self.rollouts:
+        if self.rollouts and base_rollout_id(m.rollout_id) not in self.rollouts:
             self.counters["anomalies"] += 1
         view.rollout_id = m.rollout_id
         view.rollout_status = m.status

@@ -19,6 +19,8 @@ Routes (``docs/telemetry.md`` has the shapes)::
     GET  /api/series?metric=M&scope=S[&scope=S2...][&since=T]
                                     per-minute latency_p95 or error_rate for fleet / device:ID /
                                     group:NAME / rollout:ID
+    POST /api/rollouts              a signed rollout document (``publisher/submission.py``): plan, start
+    PUT  /api/blobs/{sha256}        upload a model file (raw bytes); GET/HEAD: is it stored?
     POST /api/rollouts/{id}/pause|resume|cancel
                                     hands a ``RolloutControl`` to the ``controls`` callback
     GET  /metrics                   Prometheus text exposition (publisher/metrics.py)
@@ -34,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import socket
 import threading
 import time
@@ -43,13 +46,13 @@ from collections.abc import Callable, Mapping, Sequence
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
-from typing import Any, Literal, cast, get_args
+from typing import TYPE_CHECKING, Any, Literal, Protocol, cast, get_args
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import structlog
 from pydantic import ValidationError
 
-from publisher.errors import RolloutError
+from publisher.errors import ConfigError, RolloutError
 from publisher.fleetview import (
     METRICS,
     FleetView,
@@ -59,7 +62,13 @@ from publisher.fleetview import (
     group_rows,
     rollout_json,
 )
+from publisher.submission import SignedSubmission
+from schemas.errors import TopicError
 from schemas.messages import RolloutControl, RolloutStatus
+from schemas.signing import SignatureError
+
+if TYPE_CHECKING:
+    from publisher.driver import ByteReader
 
 log = structlog.get_logger("publisher.http")
 
@@ -88,6 +97,25 @@ _CSP = "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src '
 #: echoed in the response when it can be turned into JSON.
 Controls = Callable[[RolloutControl], object]
 
+#: A model upload may be this large (the blob is streamed to disk, never held in memory).
+MAX_BLOB_BYTES = 4 << 30
+#: A signed rollout document: a long device list is still far below this.
+MAX_SUBMISSION_BYTES = 4 << 20
+
+
+class Intake(Protocol):
+    """Where ``POST /api/rollouts`` and ``/api/blobs`` go: the rollout driver (``publisher/driver.py``).
+
+    ``submit`` raises ``SignatureError`` (403), ``ConfigError`` (422: the document or its plan is
+    refused, nothing was published) or ``RolloutError`` (409: the id is taken).
+    """
+
+    def has_blob(self, sha256: str) -> int | None: ...
+
+    def put_blob(self, sha256: str, length: int, stream: ByteReader, max_bytes: int) -> int: ...
+
+    def submit(self, signed: SignedSubmission) -> RolloutStatus: ...
+
 
 def _finite(points: Sequence[tuple[float, float]]) -> list[list[float]]:
     # JSON has no NaN/Infinity; a bucket without a value is dropped rather than sent as invalid JSON.
@@ -115,10 +143,16 @@ class _Server(ThreadingHTTPServer):
     request_queue_size = 128
 
     def __init__(
-        self, address: tuple[str, int], view: FleetView, controls: Controls | None, token: str | None
+        self,
+        address: tuple[str, int],
+        view: FleetView,
+        controls: Controls | None,
+        token: str | None,
+        intake: Intake | None = None,
     ) -> None:
         self.view = view
         self.controls = controls
+        self.intake = intake
         self.token = token
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
@@ -195,6 +229,10 @@ class _Handler(BaseHTTPRequestHandler):
         elif parts[1:] == ["groups"]:
             self._only(method, "GET")
             self._send_json({"groups": [g.as_json() for g in group_rows(view.devices())]})
+        elif parts[1:] == ["rollouts"] and method == "POST":
+            self._submit()
+        elif parts[1] == "blobs" and len(parts) == 3:
+            self._blob(method, parts[2])
         elif parts[1] == "rollouts" and len(parts) <= 3:
             self._only(method, "GET")
             self._rollouts(parts[2] if len(parts) == 3 else None)
@@ -308,6 +346,55 @@ class _Handler(BaseHTTPRequestHandler):
             out["result"] = result
         self._send_json(out)
 
+    def _intake(self) -> Intake:
+        if self.server.intake is None:
+            raise HttpError(HTTPStatus.NOT_IMPLEMENTED, "this server takes no rollouts (serve needs --key)")
+        return self.server.intake
+
+    def _blob(self, method: str, sha256: str) -> None:
+        intake = self._intake()
+        try:
+            if method in ("GET", "HEAD"):
+                size = intake.has_blob(sha256)
+                if size is None:
+                    raise HttpError(HTTPStatus.NOT_FOUND, f"no model {sha256}")
+                self._send_json({"sha256": sha256, "size": size})
+                return
+            self._only(method, "PUT")
+            self._check_token()
+            if self.headers.get("Transfer-Encoding"):
+                raise HttpError(HTTPStatus.LENGTH_REQUIRED, "send the model with a Content-Length")
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                raise HttpError(HTTPStatus.BAD_REQUEST, "Content-Length is not a number") from None
+            if length > MAX_BLOB_BYTES:
+                raise HttpError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"model over {MAX_BLOB_BYTES} bytes")
+            size = intake.put_blob(sha256, length, self.rfile, MAX_BLOB_BYTES)
+            self._body_pending = False
+        except TopicError as exc:
+            raise HttpError(HTTPStatus.BAD_REQUEST, str(exc)) from None
+        except ConfigError as exc:
+            self._body_pending = False  # put_blob read (or failed reading) the body: close anyway
+            self.close_connection = True
+            raise HttpError(HTTPStatus.UNPROCESSABLE_ENTITY, str(exc)) from None
+        self._send_json({"sha256": sha256, "size": size}, HTTPStatus.CREATED)
+
+    def _submit(self) -> None:
+        intake = self._intake()
+        self._check_token()
+        body = self._read_json_body(MAX_SUBMISSION_BYTES)
+        try:
+            status = intake.submit(SignedSubmission.from_json(body))
+        except SignatureError as exc:
+            raise HttpError(HTTPStatus.FORBIDDEN, str(exc)) from None
+        except ConfigError as exc:
+            raise HttpError(HTTPStatus.UNPROCESSABLE_ENTITY, str(exc)) from None
+        except RolloutError as exc:
+            raise HttpError(HTTPStatus.CONFLICT, str(exc)) from None
+        log.info("rollout_submitted", rollout_id=status.rollout_id)
+        self._send_json({"ok": True, "rollout": rollout_json(status)}, HTTPStatus.CREATED)
+
     def _check_token(self) -> None:
         token = self.server.token
         if token is None:
@@ -315,13 +402,13 @@ class _Handler(BaseHTTPRequestHandler):
         if self.headers.get("Authorization", "") != f"Bearer {token}":
             raise HttpError(HTTPStatus.UNAUTHORIZED, "rollout controls need 'Authorization: Bearer <token>'")
 
-    def _read_json_body(self) -> dict[str, Any]:
+    def _read_json_body(self, limit: int = MAX_BODY_BYTES) -> dict[str, Any]:
         try:
             length = int(self.headers.get("Content-Length") or 0)
         except ValueError:
             raise HttpError(HTTPStatus.BAD_REQUEST, "Content-Length is not a number") from None
-        if length > MAX_BODY_BYTES:
-            raise HttpError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body over {MAX_BODY_BYTES} bytes")
+        if length > limit:
+            raise HttpError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body over {limit} bytes")
         # A JSON content type forces a CORS preflight in browsers, which this server never grants, so
         # a page on another origin cannot pause a rollout through an operator's browser.
         ctype = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
@@ -439,6 +526,7 @@ def start_http(
     controls: Controls | None = None,
     *,
     token: str | None = None,
+    intake: Intake | None = None,
 ) -> HttpHandle:
     """Serve ``view`` on ``host:port`` from a daemon thread and return at once.
 
@@ -446,7 +534,7 @@ def start_http(
     routes; ``token``, when given, is required on them as ``Authorization: Bearer TOKEN``. Binding to
     anything but loopback exposes the fleet to that network: put a token on it.
     """
-    server = _Server((host, port), view, controls, token)
+    server = _Server((host, port), view, controls, token, intake)
     # A short poll interval only bounds how long stop() waits; idle cost is negligible.
     thread = threading.Thread(
         target=server.serve_forever, kwargs={"poll_interval": 0.1}, name=f"fleetbus-http-{port}", daemon=True
@@ -488,6 +576,40 @@ def post_control(
         headers["Authorization"] = f"Bearer {token}"
     url = f"{base_url.rstrip('/')}/api/rollouts/{quote(rollout_id, safe='')}/{action}"
     answer = _call(url, "POST", json.dumps(body).encode(), headers, timeout)
+    if not isinstance(answer, dict):
+        raise RolloutError(f"{url} answered something that is not a JSON object")
+    return answer
+
+
+def upload_blob(
+    base_url: str, path: str, sha256: str, *, token: str | None = None, timeout: float = 300.0
+) -> dict[str, Any]:
+    """Upload a model file to ``fleetbus serve`` unless it already holds it; returns its answer."""
+    url = f"{base_url.rstrip('/')}/api/blobs/{sha256}"
+    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+    try:
+        found = _call(url, "GET", None, headers, timeout)
+    except RolloutError as exc:
+        if " 404 " not in str(exc):
+            raise
+    else:
+        return dict(found)
+    size = os.path.getsize(path)
+    headers.update({"Content-Type": "application/octet-stream", "Content-Length": str(size)})
+    with open(path, "rb") as body:
+        answer = _call(url, "PUT", body, headers, timeout)  # type: ignore[arg-type]
+    return dict(answer)
+
+
+def submit_rollout(
+    base_url: str, signed: SignedSubmission, *, token: str | None = None, timeout: float = 120.0
+) -> dict[str, Any]:
+    """Post a signed rollout document; refusals raise ``RolloutError`` with the server's reason."""
+    headers = {"Content-Type": "application/json"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    url = f"{base_url.rstrip('/')}/api/rollouts"
+    answer = _call(url, "POST", json.dumps(signed.to_json()).encode(), headers, timeout)
     if not isinstance(answer, dict):
         raise RolloutError(f"{url} answered something that is not a JSON object")
     return answer

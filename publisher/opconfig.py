@@ -10,6 +10,8 @@
 
     [publisher]
     key = "keys/publisher.key"  # Ed25519 signing key from `fleetbus keys generate DIR`
+    server = "http://127.0.0.1:8080"  # optional: `fleetbus serve --http`, where documents go
+    token = "..."               # optional: its --token (Authorization: Bearer)
 
 Relative paths are taken from the file's folder. Command-line options override the file.
 """
@@ -27,13 +29,15 @@ from publisher.bus import BrokerAddress
 from publisher.errors import ConfigError
 
 _MQTT_KEYS = {"host", "port", "username", "password", "tls", "cafile", "keepalive"}
-_PUBLISHER_KEYS = {"key"}
+_PUBLISHER_KEYS = {"key", "server", "token"}
 
 
 @dataclass(frozen=True)
 class OperatorConfig:
     address: BrokerAddress
     key: Path | None = None
+    server: str | None = None
+    token: str | None = None
 
 
 def _resolve(value: str, base: Path) -> Path:
@@ -71,4 +75,10 @@ def load_operator_config(path: str | os.PathLike[str]) -> OperatorConfig:
         ca_file=str(_resolve(cafile, base)) if cafile else None,
     )
     key = publisher.get("key")
-    return OperatorConfig(address, _resolve(key, base) if key else None)
+    server, token = publisher.get("server"), publisher.get("token")
+    return OperatorConfig(
+        address,
+        _resolve(key, base) if key else None,
+        str(server) if server else None,
+        str(token) if token else None,
+    )

@@ -33,7 +33,7 @@ from publisher.store import Batch, ExecutionRow, Store
 from schemas import topics
 from schemas.codec import decode, encode
 from schemas.errors import DecodeError, TopicError
-from schemas.messages import ExecStatus, Manifest, RolloutControl, RolloutStatus, State
+from schemas.messages import ExecStatus, Manifest, Message, RolloutControl, RolloutStatus, State
 
 if TYPE_CHECKING:
     from publisher.fleetview import Metric
@@ -104,9 +104,14 @@ class Aggregator:
         self._print_now = threading.Event()
         self.aggregates_published = 0
         self._http: HttpHandle | None = None
-        # Stage 2 hooks: the rollout controller supplies these when `serve` drives waves.
+        # Hooks for the rollout driver (publisher/driver.py) when `serve` drives waves.
         self.rollout_source: Callable[[], Sequence[RolloutStatus]] | None = None
         self.controls: Callable[[RolloutControl], object] | None = None
+        self.intake: Any = None  # publisher.http.Intake: model uploads and rollout submissions
+        #: Counters of other parts (the rollout driver) shown in /api/fleet and /metrics.
+        self.extra_counters: Callable[[], Mapping[str, float]] | None = None
+        #: Called on paho's thread with (message, receive time, whether it changed the fleet view).
+        self.telemetry_hooks: list[Callable[[Message, float, bool], None]] = []
 
     # --- lifecycle --------------------------------------------------------------------------------
 
@@ -186,20 +191,27 @@ class Aggregator:
             return
         with self._lock:
             changed = self.fleet.apply(message, now)
-            if changed and device is not None:
-                self._dirty.add(device)
-                if isinstance(message, State):
-                    self._executions.append(
-                        ExecutionRow(
-                            message.rollout_id,
-                            message.device_id,
-                            message.status.value,
-                            message.version_number,
-                            message.details.get("step"),
-                            message.reason,
-                            now,
-                        )
-                    )
+            self._record(message, device, changed, now)
+        for hook in self.telemetry_hooks:
+            hook(message, now, changed)
+
+    def _record(self, message: Message, device: str | None, changed: bool, now: float) -> None:
+        """Mark what a folded message changed for the next flush (caller holds the lock)."""
+        if not changed or device is None:
+            return
+        self._dirty.add(device)
+        if isinstance(message, State):
+            self._executions.append(
+                ExecutionRow(
+                    message.rollout_id,
+                    message.device_id,
+                    message.status.value,
+                    message.version_number,
+                    message.details.get("step"),
+                    message.reason,
+                    now,
+                )
+            )
 
     # --- periodic work ----------------------------------------------------------------------------
 
@@ -261,6 +273,12 @@ class Aggregator:
         with self._lock:
             return [replace(self.fleet.devices[d]) for d in sorted(self.fleet.devices)]
 
+    def is_online(self, device_id: str) -> bool:
+        """Whether the device's latest birth is newer than its latest death (False when unknown)."""
+        with self._lock:
+            view = self.fleet.devices.get(device_id)
+            return view is not None and view.online
+
     def rollouts(self) -> Sequence[RolloutStatus]:
         return list(self.rollout_source()) if self.rollout_source is not None else []
 
@@ -282,13 +300,15 @@ class Aggregator:
         out.setdefault("decode_errors", 0.0)
         out["store_writes"] = float(getattr(self.store, "rows_written", 0))
         out["aggregates_published"] = float(self.aggregates_published)
+        if self.extra_counters is not None:
+            out.update(self.extra_counters())
         return out
 
     def serve_http(self, host: str = "127.0.0.1", port: int = 0, token: str | None = None) -> HttpHandle:
         """Serve the JSON API, dashboard and /metrics (publisher/http.py) from a thread."""
         from publisher.http import start_http
 
-        self._http = start_http(self, host, port, self.controls, token=token)
+        self._http = start_http(self, host, port, self.controls, token=token, intake=self.intake)
         return self._http
 
     def stop_http(self) -> None:

@@ -9,6 +9,8 @@ Tables:
     executions         latest status of each (rollout, device)
     execution_history  every status change, in order
     rollups            per device and minute: results, errors, p95 latency, model version
+    models             every model file ``fleetbus serve`` holds in its blob directory, by SHA-256
+    rollouts           each staged rollout: its signed document, base manifest and controller state
 """
 
 from __future__ import annotations
@@ -72,6 +74,24 @@ CREATE TABLE IF NOT EXISTS rollups (
     model_version TEXT,
     PRIMARY KEY (device_id, minute)
 );
+CREATE TABLE IF NOT EXISTS models (
+    sha256 TEXT PRIMARY KEY,
+    size INTEGER NOT NULL,
+    added_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rollouts (
+    rollout_id TEXT PRIMARY KEY,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    state TEXT NOT NULL,
+    signed BLOB NOT NULL,
+    signature BLOB NOT NULL,
+    key_id TEXT NOT NULL,
+    model_sha256 TEXT NOT NULL,
+    manifest BLOB NOT NULL,
+    extra_json TEXT NOT NULL,
+    controller_json TEXT NOT NULL
+);
 """
 
 
@@ -116,6 +136,37 @@ class Store(Protocol):
     def prune(self, older_than: float) -> int: ...
 
     def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class RolloutRow:
+    """One staged rollout as stored: what was submitted, what serve derived, where the controller is."""
+
+    rollout_id: str
+    created_at: float
+    updated_at: float
+    state: str
+    signed: bytes
+    signature: bytes
+    key_id: str
+    model_sha256: str
+    manifest: bytes
+    extra: dict[str, Any]
+    controller: dict[str, Any]
+
+
+class RolloutStore(Protocol):
+    """What the rollout driver needs from storage (``SqliteStore`` implements it too)."""
+
+    def add_model(self, sha256: str, size: int) -> None: ...
+
+    def models(self) -> dict[str, int]: ...
+
+    def add_rollout(self, row: RolloutRow) -> None: ...
+
+    def save_controller(self, rollout_id: str, state: str, controller: dict[str, Any], ts: float) -> None: ...
+
+    def load_rollouts(self) -> list[RolloutRow]: ...
 
 
 _P = ParamSpec("_P")
@@ -257,6 +308,79 @@ class SqliteStore:
             a = self._db.execute("DELETE FROM execution_history WHERE ts < ?", (older_than,)).rowcount
             b = self._db.execute("DELETE FROM rollups WHERE minute < ?", (int(older_than),)).rowcount
         return int(a) + int(b)
+
+    # --- rollouts (publisher/driver.py) ------------------------------------------------------------
+
+    @_locked
+    def add_model(self, sha256: str, size: int) -> None:
+        try:
+            self._db.execute(
+                "INSERT INTO models VALUES (?,?,?) ON CONFLICT(sha256) DO NOTHING",
+                (sha256, size, time.time()),
+            )
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot record model {sha256[:12]} in {self.path}: {exc}") from None
+
+    @_locked
+    def models(self) -> dict[str, int]:
+        return {str(r[0]): int(r[1]) for r in self._db.execute("SELECT sha256, size FROM models")}
+
+    @_locked
+    def add_rollout(self, row: RolloutRow) -> None:
+        try:
+            self._db.execute(
+                "INSERT INTO rollouts VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    row.rollout_id,
+                    row.created_at,
+                    row.updated_at,
+                    row.state,
+                    row.signed,
+                    row.signature,
+                    row.key_id,
+                    row.model_sha256,
+                    row.manifest,
+                    json.dumps(row.extra),
+                    json.dumps(row.controller),
+                ),
+            )
+        except sqlite3.IntegrityError:
+            raise StoreError(f"rollout {row.rollout_id} is already stored") from None
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot store rollout {row.rollout_id} in {self.path}: {exc}") from None
+
+    @_locked
+    def save_controller(self, rollout_id: str, state: str, controller: dict[str, Any], ts: float) -> None:
+        try:
+            self._db.execute(
+                "UPDATE rollouts SET state = ?, controller_json = ?, updated_at = ? WHERE rollout_id = ?",
+                (state, json.dumps(controller, separators=(",", ":")), ts, rollout_id),
+            )
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot save rollout {rollout_id} in {self.path}: {exc}") from None
+
+    @_locked
+    def load_rollouts(self) -> list[RolloutRow]:
+        rows = self._db.execute(
+            "SELECT rollout_id, created_at, updated_at, state, signed, signature, key_id, model_sha256, "
+            "manifest, extra_json, controller_json FROM rollouts ORDER BY created_at"
+        ).fetchall()
+        return [
+            RolloutRow(
+                str(r[0]),
+                float(r[1]),
+                float(r[2]),
+                str(r[3]),
+                bytes(r[4]),
+                bytes(r[5]),
+                str(r[6]),
+                str(r[7]),
+                bytes(r[8]),
+                json.loads(r[9]),
+                json.loads(r[10]),
+            )
+            for r in rows
+        ]
 
     @_locked
     def close(self) -> None:
