@@ -639,7 +639,10 @@ for _action in ("pause", "resume", "cancel"):
 @click.option(
     "--table-every", default=0.0, show_default=True, help="Print the fleet table every N s (0: on SIGUSR1)."
 )
-@click.option("--share", help="Join shared subscription $share/SHARE/... (Mosquitto; amqtt has none).")
+@click.option(
+    "--share",
+    help="Join shared subscription $share/SHARE/... (Mosquitto or the fleetbus broker).",
+)
 @click.option("--http", "http_bind", metavar="HOST:PORT", help="Serve the dashboard, JSON API and /metrics.")
 @click.option("--client-id", help="MQTT client id (default: random).")
 @click.option(
