@@ -49,7 +49,7 @@ from schemas.codec import decode, encode  # noqa: E402
 from schemas.messages import Chunk, Manifest, TensorSig  # noqa: E402
 from schemas.signing import generate_keypair, key_id, sign  # noqa: E402
 
-CHUNK = 64 * 1024
+CHUNK = [64 * 1024]  # the delivery bench's chunk size (--chunk-kib)
 
 
 # --- plumbing -----------------------------------------------------------------------------------
@@ -124,8 +124,10 @@ def manifest_for(model: bytes, version: str, rollout: str) -> Manifest:
         version=version,
         model_sha256=hashlib.sha256(model).hexdigest(),
         size=len(model),
-        chunk_size=CHUNK,
-        chunk_sha256=[hashlib.sha256(model[i : i + CHUNK]).hexdigest() for i in range(0, len(model), CHUNK)],
+        chunk_size=CHUNK[0],
+        chunk_sha256=[
+            hashlib.sha256(model[i : i + CHUNK[0]]).hexdigest() for i in range(0, len(model), CHUNK[0])
+        ],
         inputs=[sig(i) for i in ins],
         outputs=[sig(o) for o in outs],
         ops=model_ops(model),
@@ -336,11 +338,11 @@ def bench_delivery(counts: list[int], size_mb: float) -> None:
     model = build_model(ModelSpec(seed=7, pad_to=int(size_mb * 1e6)))
     m = manifest_for(model, "1.0", "raw")
     payloads = [
-        encode(Chunk(sha256=m.model_sha256, index=i, data=model[i * CHUNK : (i + 1) * CHUNK]))
+        encode(Chunk(sha256=m.model_sha256, index=i, data=model[i * CHUNK[0] : (i + 1) * CHUNK[0]]))
         for i in range(m.chunk_count)
     ]
     print(
-        f"\n## delivery: {len(model) / 1e6:.2f} MB model, {m.chunk_count} chunks of {CHUNK // 1024} KiB, "
+        f"\n## delivery: {len(model) / 1e6:.2f} MB model, {m.chunk_count} chunks of {CHUNK[0] // 1024} KiB, "
         f"amqtt in its own process; fetch window {TRANSFER['window']} chunks"
     )
     print("| agents | raw paho pub/sub (s) | fleetbus agents (s) | ratio | blob/repair chunks sent per run |")
@@ -377,8 +379,23 @@ def vm(pid: int, field: str = "VmRSS") -> int:
     return 0
 
 
+#: How the memory bench starts the agent: the `fleetbus device run` command line (which execs the
+#: lean `python -m device run`), and the same command kept inside click (the path before the lean
+#: entry point existed), to show what the lean path saves.
+LAUNCHERS = {
+    "fleetbus device run": ["-m", "schemas.cli"],
+    "same, kept in click": ["-c", "import sys; from schemas.cli import cli; cli(sys.argv[1:])"],
+}
+
+
 def spawn_agent(
-    python: str, port: int, state: Path, pub: str, env: dict[str, str]
+    python: str,
+    port: int,
+    state: Path,
+    pub: str,
+    env: dict[str, str],
+    *,
+    launcher: str = "fleetbus device run",
 ) -> subprocess.Popen[bytes]:
     cfg = state.parent / f"{state.name}.toml"
     cfg.write_text(
@@ -388,12 +405,35 @@ def spawn_agent(
     )
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **env}
     return subprocess.Popen(
-        [python, "-m", "schemas.cli", "--log-level", "warning", "device", "run", "--config", str(cfg)],
+        [python, *LAUNCHERS[launcher], "--log-level", "warning", "device", "run", "--config", str(cfg)],
         cwd=REPO,
         env=full_env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+
+
+class BirthWatch:
+    """Remembers which devices have published a birth (the agent is up, its model loaded)."""
+
+    def __init__(self, port: int) -> None:
+        self.born: set[str] = set()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"births-{time.monotonic_ns()}")
+        self.client.on_message = lambda c, u, msg: self.born.add(topics.parse(msg.topic).device or "")
+        self.client.connect("127.0.0.1", port)
+        self.client.subscribe(topics.device_stream_filter(topics.DeviceStream.BIRTH), qos=1)
+        self.client.loop_start()
+
+    def wait(self, device: str, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while device not in self.born:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{device} published no birth in {timeout:g} s")
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
 
 
 def seed(state: Path, model: bytes) -> None:
@@ -407,52 +447,52 @@ _RUNTIME_SNIPPET = "from device.runtime import default_runtime as d; r = d(); pr
 
 
 def bench_memory(pythons: list[str]) -> None:
-    print("\n## memory: steady-state VmRSS of `fleetbus device run` serving a model (MiB)")
-    print("| python | runtime | bare python | agent, serving | agent - bare |")
-    print("| --- | --- | --- | --- | --- |")
+    print("\n## memory: steady-state VmRSS of an agent serving a model (MiB)")
+    print("| python | runtime | bare python | launched as | agent, serving | agent - bare |")
+    print("| --- | --- | --- | --- | --- | --- |")
     model = build_model(ModelSpec(input_size=16, output_size=8, seed=1))
     _, pub = generate_keypair()
+    mib = 1 << 20
     with tempfile.TemporaryDirectory() as td, amqtt_broker() as port:
+        births = BirthWatch(port)
         for k, python in enumerate(pythons):
-            probe = subprocess.run(
-                [
-                    python,
-                    "-c",
-                    "import sys; print(open('/proc/self/status').read().split('VmRSS:')[1].split()[0])",
-                ],
-                capture_output=True,
-                text=True,
-                check=True,
-            )
+            probe = subprocess.run([python, "-c", _RSS_SNIPPET], capture_output=True, text=True, check=True)
             bare = int(probe.stdout) * 1024
             rt = subprocess.run(
-                [
-                    python,
-                    "-c",
-                    "from device.runtime import default_runtime as d; r = d(); print(r.name, r.version)",
-                ],
+                [python, "-c", _RUNTIME_SNIPPET],
                 capture_output=True,
                 text=True,
                 check=False,
                 env={**os.environ, "PYTHONPATH": str(REPO)},
                 cwd=REPO,
             ).stdout.strip()
-            state = Path(td) / f"mem{k}"
-            seed(state, model)
-            proc = spawn_agent(python, port, state, pub, {})
-            try:
-                samples = []
-                time.sleep(4.0)  # imports, connect, birth, a few hundred inferences
-                for _ in range(10):
-                    samples.append(vm(proc.pid))
-                    time.sleep(0.2)
-                rss = statistics.median(samples)
-            finally:
-                proc.terminate()
-                proc.wait(10)
-            mib = 1 << 20
-            print(f"| {python} | {rt} | {bare / mib:.1f} | {rss / mib:.1f} | {(rss - bare) / mib:.1f} |")
-            sys.stdout.flush()
+            for j, launcher in enumerate(LAUNCHERS):
+                state = Path(td) / f"mem{k}-{j}"
+                seed(state, model)
+                proc = spawn_agent(python, port, state, pub, {}, launcher=launcher)
+                try:
+                    # The birth follows the model load; then let a few dozen inferences and a health go.
+                    births.wait(state.name)
+                    time.sleep(2.0)
+                    samples = []
+                    for _ in range(10):
+                        samples.append(vm(proc.pid))
+                        time.sleep(0.2)
+                    rss = statistics.median(samples)
+                finally:
+                    proc.terminate()
+                    proc.wait(10)
+                cells = [
+                    python,
+                    rt,
+                    f"{bare / mib:.1f}",
+                    launcher,
+                    f"{rss / mib:.1f}",
+                    f"{(rss - bare) / mib:.1f}",
+                ]
+                print("| " + " | ".join(cells) + " |")
+                sys.stdout.flush()
+        births.close()
 
 
 def bench_download(sizes_mb: list[float]) -> None:
@@ -623,7 +663,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--window", type=int, default=TRANSFER["window"], help="agents' fetch window (chunks)")
     p.add_argument("--fsync-every", type=int, default=TRANSFER["fsync_every"])
     p.add_argument("--state-root", default=None, help="where the delivery bench's agents keep state")
+    p.add_argument("--chunk-kib", type=int, default=CHUNK[0] // 1024, help="chunk size of the delivery bench")
     args = p.parse_args(argv)
+    CHUNK[0] = args.chunk_kib * 1024
     TRANSFER.update(window=args.window, fsync_every=args.fsync_every)
     STATE_ROOT[0] = args.state_root
     run: dict[str, Callable[[], None]] = {

@@ -21,6 +21,7 @@ from typing import Any
 
 import structlog
 
+from device import shadow
 from device.chunks import Outcome
 from device.config import Settings
 from device.errors import ConfigError, DeviceError, ModelLoadError, StoreError
@@ -113,7 +114,7 @@ class Agent:
         self._cpu = CpuMeter()
         self._last_error: str | None = None
         tr = settings.transfer
-        self._pacer = FetchPacer(tr.window, tr.fetch_timeout_s, tr.fetch_backoff_max_s)
+        self._pacer = FetchPacer(tr.window, tr.fetch_timeout_s, tr.fetch_backoff_max_s, settle_s=tr.settle_s)
         self._blob_filter: str | None = None
         self._next_health = 0.0
         self._ops: list[str] | None = None
@@ -344,7 +345,7 @@ class Agent:
         if effect is Effect.GATE:
             return self._gate(m)
         if effect is Effect.ACTIVATE:
-            return self._activate(m)
+            return shadow.begin(self, m) if m.shadow else self._activate(m)
         raise AssertionError(f"unhandled effect {effect}")  # pragma: no cover - the table is closed
 
     def _precheck(self, m: Manifest) -> _Next:
@@ -604,6 +605,7 @@ class Agent:
             self._publish_birth()
         elif isinstance(msg, Cancel):
             if msg.rollout_id == self.state.rollout_id:
+                shadow.end(self)
                 self._feed(Event.CANCEL, "canceled by the operator")
         else:
             self._error("unexpected_kinds", f"{msg.kind} on a command topic", topic=topic)
@@ -658,6 +660,7 @@ class Agent:
             return
         if self.state.step in BEFORE_ACTIVATION:
             self._feed(Event.SUPERSEDED, f"superseded by rollout {m.rollout_id}")
+        shadow.end(self)
         self.store.save_deploy(payload)
         self.manifest = m
         self._last_percent = -1

@@ -31,6 +31,7 @@
     window = 64                    # chunks asked for at once (flow control)
     fetch_timeout_s = 2.0          # silence before asking again (then backoff with jitter)
     fetch_backoff_max_s = 30.0
+    settle_s = 0.25                # a pause this long in a flowing download asks for the rest now
     fsync_every = 8                # chunks written between fsyncs of the staging file
 
     [gate]
@@ -105,6 +106,7 @@ class TransferSection:
     window: int = 64
     fetch_timeout_s: float = 2.0
     fetch_backoff_max_s: float = 30.0
+    settle_s: float = 0.25
     fsync_every: int = 8
 
 

@@ -11,6 +11,10 @@ the pacer answers "send a fetch now" or not.
 - Silence for ``timeout_s`` after a fetch sends it again, then after 2x, 4x ... up to
   ``backoff_max_s``, each with up to 25 % jitter so a fleet does not retry in step.  A busy inbox
   is not silence.
+- Once chunks are flowing, a pause of ``settle_s`` (shorter than ``timeout_s``) means the stream
+  has ended short of half a window: a device that joined a broadcast mid-way, or lost a chunk, asks
+  for the rest then instead of waiting out the full timeout.  An early ask costs one small fetch:
+  the server skips chunks still on their way.
 """
 
 from __future__ import annotations
@@ -26,9 +30,11 @@ class FetchPacer:
         timeout_s: float,
         backoff_max_s: float,
         jitter: Callable[[], float] = random.random,
+        settle_s: float | None = None,
     ) -> None:
         self.window = window
         self.timeout_s = timeout_s
+        self.settle_s = timeout_s if settle_s is None else min(settle_s, timeout_s)
         self.backoff_max_s = backoff_max_s
         self._jitter = jitter
         self.attempt = 0  # fetches sent since the last chunk arrived
@@ -37,6 +43,9 @@ class FetchPacer:
 
     def delay(self) -> float:
         """How long to wait for the answer to the fetch just sent."""
+        # Not settle_s: before the first chunk lands, silence is normal in a big fleet (the broker
+        # is still fanning the first window out), and an early fetch with nothing held looks like
+        # a device that missed the whole broadcast, so it would be repaired everything.
         base = min(self.timeout_s * 2.0**self.attempt, self.backoff_max_s)
         return base * (1.0 + 0.25 * self._jitter())
 
@@ -55,7 +64,7 @@ class FetchPacer:
         self.since_fetch += 1
         if self.since_fetch * 2 >= self.window and backlog <= self.window // 2:
             return True
-        self.due = now + self.timeout_s * (1.0 + 0.25 * self._jitter())
+        self.due = now + self.settle_s * (1.0 + 0.25 * self._jitter())
         return False
 
     def tick(self, now: float, backlog: int) -> bool:

@@ -1,26 +1,39 @@
 """The chunk server's bookkeeping (docs/protocol.md, "Model transfer"), with no I/O at all.
 
-Devices send a ``Fetch``: the bitmap of chunks they hold and a window of how many they will take now.
-The server gathers fetches for a tick; ``due(now)`` then says what to send, each chunk once:
+Devices send a ``Fetch``: the bitmap of chunks they hold and a window of how many they will take now
+(their credit).  ``due(now)`` says what to send for the fetches gathered since the last call, each
+chunk once per call, in index order, at most ``window`` per device, skipping chunks on their way:
 
-* on ``blob/{sha}/{i}`` when two or more devices want chunk i (every device fetching that file is
-  subscribed there, so one publish serves all of them);
-* on ``repair/{device}/{sha}/{i}`` when only one device does.
+* **The first send of a chunk goes on** ``blob/{sha}/{i}``, even for one device: every device
+  fetching the file is subscribed there, those that got the deploy a moment later included (their
+  first fetch is still on its way), so one publish serves all of them.
+* **A chunk already broadcast** goes on ``blob`` again only when most of the devices still fetching
+  the file (last fetch under ``active_s`` old) lack it and it is not on its way to them; otherwise
+  each device that asked gets it on ``repair/{device}/{sha}/{i}``.  A repeat on ``blob`` reaches
+  every subscriber, most of which would drop it as a duplicate.
 
-A device "wants" chunk i when it asked for it in this tick, or when it is still fetching the file
-(its last fetch is under ``active_s`` old), its last bitmap lacks i, and i is not already on its way
-to it.  The second half matters because devices that received a deploy together do not fetch in the
-same 50 ms tick: without it, each of them would be repaired the same chunks one by one.  A device
-keeps a chunk it lacks even when it did not ask for it (docs/protocol.md step 3), so nothing is lost.
+**On its way.**  A send counts as on its way to a device, and is not repeated for it, until the
+device's bitmap proves it lost or its patience runs out:
 
-A chunk sent less than ``quiet_s`` before a device's fetch arrived may still be on its way to that
-device (its bitmap was written before the chunk could land), so it is not sent again for that fetch;
-the window is filled from the next missing chunks instead, and the device asks again if it is lost.
-A broadcast counts as on its way only to devices that were already fetching the file when it went
-out: a device whose first fetch comes later may have subscribed after it.
+* sends are numbered in publish order.  A send older than the newest one the device's bitmap holds,
+  and still missing, was lost: it is resent at once.  (amqtt reorders the messages of a badly
+  overloaded subscriber, so at 100 devices in one process this resends some chunks that were only
+  overtaken; waiting a fetch for confirmation cost small fleets a fetch timeout each.)
+* a broadcast reached the device if it was already fetching when it went out, or if its bitmap holds
+  an earlier broadcast.  A device whose first fetch came after a broadcast may have subscribed in
+  time or not: its first fetch assumes it did, a later fetch whose bitmap shows no broadcast gets
+  what it lacks;
+* patience is ``quiet_s``, or twice the longest a chunk has taken to show up in that device's bitmap
+  (TCP's retransmission timeout idea): in a 100-device fleet a window takes seconds to fan out.
 
-The MQTT shell (``publisher/chunkshell.py``) feeds fetches in, calls ``due`` on a timer, and reads the
-chunk bytes from the model file by offset.
+**When to answer** (``next_due``): as soon as every device still fetching the file has asked in this
+round, so a lone device, or a fleet in step, is served the moment its fetch lands; a round that some
+device is late for waits at most ``hold_s``.  ``gather_s`` (0 by default) holds the first fetch of a
+file nobody is fetching.  A device asks for its next window when half of the last one has landed,
+so the wait for the next answer hides behind the other half (credit-based flow control).
+
+The MQTT shell (``publisher/chunkshell.py``) feeds fetches in, calls ``due`` when ``next_due`` says,
+and reads the chunk bytes from the model file by offset.
 """
 
 from __future__ import annotations
@@ -32,8 +45,10 @@ from dataclasses import dataclass, field
 from schemas import topics
 from schemas.messages import Fetch
 
-DEFAULT_QUIET_S = 1.0
+DEFAULT_QUIET_S = 3.0
 DEFAULT_ACTIVE_S = 3.0
+DEFAULT_HOLD_S = 0.02
+DEFAULT_GATHER_S = 0.0
 
 
 class FetchVerdict(str, enum.Enum):
@@ -70,6 +85,7 @@ class Counters:
     blob_sent: int = 0
     repair_sent: int = 0
     in_flight_skips: int = 0
+    rebroadcasts: int = 0  # a chunk sent on blob again because most fetching devices lacked it
 
     @property
     def chunks_sent(self) -> int:
@@ -83,6 +99,7 @@ class Counters:
             "blob_sent": self.blob_sent,
             "repair_sent": self.repair_sent,
             "in_flight_skips": self.in_flight_skips,
+            "rebroadcasts": self.rebroadcasts,
         }
 
 
@@ -95,6 +112,19 @@ class _Request:
     window: int
     at: float
     since: float  # when this device's first fetch of the file arrived
+    # Sends (by publish order) this device's bitmap shows it received: the earliest broadcast (it was
+    # subscribed from then on) and the latest send (one sent before that and still missing was lost).
+    seen_from: int | None = None
+    last_seen: int | None = None
+    # How long a send to this device counts as on its way: quiet_s, or twice the longest it has
+    # taken a chunk to show up in this device's bitmap (TCP's RTO idea), whichever is longer.
+    patience: float = DEFAULT_QUIET_S
+
+
+@dataclass(frozen=True)
+class _Sent:
+    at: float
+    seq: int  # publish order
 
 
 def bitmap_size(chunk_count: int) -> int:
@@ -129,13 +159,18 @@ class ChunkServer:
 
     quiet_s: float = DEFAULT_QUIET_S
     active_s: float = DEFAULT_ACTIVE_S
+    hold_s: float = DEFAULT_HOLD_S
+    gather_s: float = DEFAULT_GATHER_S
     counters: Counters = field(default_factory=Counters)
     _files: dict[str, int] = field(default_factory=dict)
     _pending: dict[tuple[str, str], _Request] = field(default_factory=dict)
-    _broadcast_at: dict[tuple[str, int], float] = field(default_factory=dict)
-    _repair_at: dict[tuple[str, str, int], float] = field(default_factory=dict)
+    _broadcast_at: dict[tuple[str, int], _Sent] = field(default_factory=dict)
+    _repair_at: dict[tuple[str, str, int], _Sent] = field(default_factory=dict)
+    _seq: int = 0
     _held: dict[str, dict[str, int]] = field(default_factory=dict)
     _latest: dict[str, dict[str, _Request]] = field(default_factory=dict)
+    _broadcast_once: dict[str, set[int]] = field(default_factory=dict)
+    _last_send: dict[str, float] = field(default_factory=dict)
 
     def add_file(self, sha256: str, chunk_count: int) -> None:
         """Start serving a file of ``chunk_count`` chunks."""
@@ -149,6 +184,8 @@ class ChunkServer:
         self._files.pop(sha256, None)
         self._held.pop(sha256, None)
         self._latest.pop(sha256, None)
+        self._broadcast_once.pop(sha256, None)
+        self._last_send.pop(sha256, None)
         self._pending = {k: r for k, r in self._pending.items() if r.sha256 != sha256}
 
     @property
@@ -179,7 +216,20 @@ class ChunkServer:
             return FetchVerdict.COMPLETE
         previous = self._latest.get(fetch.sha256, {}).get(device)
         since = previous.since if previous is not None else now
-        request = _Request(device, fetch.sha256, count, fetch.bitmap, fetch.window, now, since)
+        seen_from, last_seen, slowest = self._seen(device, fetch, previous, now)
+        patience = max(self.quiet_s, 2 * slowest, previous.patience if previous is not None else 0.0)
+        request = _Request(
+            device,
+            fetch.sha256,
+            count,
+            fetch.bitmap,
+            fetch.window,
+            now,
+            since,
+            seen_from,
+            last_seen,
+            patience,
+        )
         self._pending[key] = request
         self._latest.setdefault(fetch.sha256, {})[device] = request
         return FetchVerdict.ACCEPTED
@@ -188,14 +238,77 @@ class ChunkServer:
     def pending(self) -> int:
         return len(self._pending)
 
+    def _seen(
+        self, device: str, fetch: Fetch, previous: _Request | None, now: float
+    ) -> tuple[int | None, int | None, float]:
+        """Among recent sends this bitmap holds: the earliest broadcast, the latest send, and the
+        longest a send took to show up (over those the device's previous bitmap lacked)."""
+        broadcasts: list[_Sent] = [
+            sent
+            for (sha, index), sent in self._broadcast_at.items()
+            if sha == fetch.sha256 and has_chunk(fetch.bitmap, index)
+        ]
+        sends = broadcasts + [
+            sent
+            for (dev, sha, index), sent in self._repair_at.items()
+            if dev == device and sha == fetch.sha256 and has_chunk(fetch.bitmap, index)
+        ]
+        slowest = 0.0
+        if previous is not None:
+            mine = [
+                ((sha, index), sent) for (dev, sha, index), sent in self._repair_at.items() if dev == device
+            ]
+            fresh = [
+                sent
+                for (sha, index), sent in [*self._broadcast_at.items(), *mine]
+                if sha == fetch.sha256
+                and has_chunk(fetch.bitmap, index)
+                and not has_chunk(previous.bitmap, index)
+            ]
+            slowest = max((now - sent.at for sent in fresh), default=0.0)
+        return (
+            min((b.seq for b in broadcasts), default=None),
+            max((x.seq for x in sends), default=None),
+            slowest,
+        )
+
     def _in_flight(self, request: _Request, index: int) -> bool:
         sent = self._broadcast_at.get((request.sha256, index))
-        # A broadcast counts as on its way only to devices already fetching when it went out; one
-        # that first asked later may have subscribed too late to see it.
-        if sent is not None and request.since <= sent and request.at - sent < self.quiet_s:
+        if sent is not None and request.since > sent.at and request.seen_from is None:
+            # A newcomer whose bitmap shows no broadcast yet: on its first fetch a broadcast counts
+            # as on its way (it subscribed just before, maybe in time); a later fetch still showing
+            # none means it subscribed too late, and it is sent what it lacks.
+            if request.at == request.since and self._on_its_way(request, sent):
+                return True
+        elif sent is not None and self._subscribed(request, sent) and self._on_its_way(request, sent):
             return True
         sent = self._repair_at.get((request.device, request.sha256, index))
-        return sent is not None and request.at - sent < self.quiet_s
+        return sent is not None and self._on_its_way(request, sent)
+
+    def _on_its_way(self, request: _Request, sent: _Sent) -> bool:
+        """A send the device may still receive: recent, and nothing sent after it arrived first."""
+        if request.at - sent.at >= request.patience:
+            return False
+        return request.last_seen is None or sent.seq > request.last_seen
+
+    def next_due(self, now: float) -> float | None:
+        """When ``due`` should next be called for the fetches pending now (None: nothing pending)."""
+        first: dict[str, float] = {}
+        asked: dict[str, set[str]] = {}
+        for request in self._pending.values():
+            first[request.sha256] = min(first.get(request.sha256, request.at), request.at)
+            asked.setdefault(request.sha256, set()).add(request.device)
+        soonest: float | None = None
+        for sha, started in first.items():
+            fetching = {d for d, r in self._latest.get(sha, {}).items() if now - r.at < self.active_s}
+            if now - self._last_send.get(sha, -1e18) >= self.active_s:
+                at = started + self.gather_s  # a cold file: wait for the rest of the fleet's first fetch
+            elif fetching <= asked[sha]:
+                at = now  # everyone still fetching has asked: nobody to wait for
+            else:
+                at = started + self.hold_s
+            soonest = at if soonest is None else min(soonest, at)
+        return soonest
 
     def due(self, now: float) -> list[Send]:
         """Everything the fetches gathered since the last call ask for, each chunk once, in order."""
@@ -213,32 +326,60 @@ class ChunkServer:
         self._pending.clear()
         sends: list[Send] = []
         for (sha, index), devices in sorted(demand.items()):
-            if len(devices) >= 2 or self._someone_else_lacks(sha, index, devices[0], now):
+            if self._broadcast_pays(sha, index, devices, now):
                 sends.append(Send(sha, index))
-                self._broadcast_at[(sha, index)] = now
+                self._broadcast_at[(sha, index)] = self._stamp(now)
                 self.counters.blob_sent += 1
+                once = self._broadcast_once.setdefault(sha, set())
+                if index in once:
+                    self.counters.rebroadcasts += 1
+                once.add(index)
             else:
-                sends.append(Send(sha, index, devices[0]))
-                self._repair_at[(devices[0], sha, index)] = now
-                self.counters.repair_sent += 1
-        self._forget_before(now - 2 * self.quiet_s)
+                for device in devices:
+                    sends.append(Send(sha, index, device))
+                    self._repair_at[(device, sha, index)] = self._stamp(now)
+                    self.counters.repair_sent += 1
+            self._last_send[sha] = now
+        patience = max((r.patience for f in self._latest.values() for r in f.values()), default=0.0)
+        self._forget_before(now - 2 * max(self.quiet_s, patience))
         return sends
 
-    def _someone_else_lacks(self, sha256: str, index: int, device: str, now: float) -> bool:
+    def _stamp(self, now: float) -> _Sent:
+        self._seq += 1
+        return _Sent(now, self._seq)
+
+    @staticmethod
+    def _subscribed(request: _Request, sent: _Sent) -> bool:
+        """Whether a broadcast reached the device, when its bitmap holds an earlier one."""
+        if request.since <= sent.at:
+            return True  # the device was already fetching, so subscribed, when it went out
+        return request.seen_from is not None and sent.seq >= request.seen_from
+
+    def _broadcast_pays(self, sha256: str, index: int, devices: list[str], now: float) -> bool:
+        """Whether chunk ``index`` goes on blob (True) or to each of ``devices`` on repair."""
+        if index not in self._broadcast_once.get(sha256, ()):
+            # Its first send: everyone subscribed lacks it, and devices starting a moment later
+            # (whose first fetch is still on its way) get it from the same publish.
+            return True
+        fetching = 0
+        lacking = len(devices)
         for other, request in self._latest.get(sha256, {}).items():
+            if now - request.at >= self.active_s:
+                continue
+            fetching += 1
             if (
-                other != device
-                and now - request.at < self.active_s
+                other not in devices
                 and not has_chunk(request.bitmap, index)
                 and not self._in_flight(request, index)
             ):
-                return True
-        return False
+                lacking += 1
+        # Sent on blob before: again only if most subscribers want it, else it mostly lands as duplicates.
+        return lacking >= 2 and 2 * lacking > fetching
 
     def _forget_before(self, horizon: float) -> None:
         # Sends older than this can no longer mark anything in flight; drop them to bound memory.
-        self._broadcast_at = {k: t for k, t in self._broadcast_at.items() if t >= horizon}
-        self._repair_at = {k: t for k, t in self._repair_at.items() if t >= horizon}
+        self._broadcast_at = {k: t for k, t in self._broadcast_at.items() if t.at >= horizon}
+        self._repair_at = {k: t for k, t in self._repair_at.items() if t.at >= horizon}
         for latest in self._latest.values():
             for device in [d for d, r in latest.items() if r.at < horizon - self.active_s]:
                 del latest[device]

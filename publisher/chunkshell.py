@@ -1,9 +1,10 @@
 """The chunk server on the bus: fetches in, chunks out, bytes read from the model file by offset.
 
-``ChunkShell`` subscribes to every device's ``fetch`` stream, feeds the pure ``ChunkServer`` under a
-lock, and a ticker thread publishes what ``due()`` returns as ``Chunk`` messages at QoS 1.  Each
-chunk's SHA-256 is checked against the manifest as it is read, so a model file changed on disk after
-planning is never sent.
+``ChunkShell`` subscribes to every device's ``fetch`` stream and feeds the pure ``ChunkServer`` under
+a lock; a sender thread, woken by every fetch, publishes what ``due()`` returns as ``Chunk`` messages
+as soon as ``next_due()`` says the round is ready (no fixed tick: a lone device is answered at once).
+Each chunk's SHA-256 is checked against the manifest as it is read, so a model file changed on disk
+after planning is never sent.
 """
 
 from __future__ import annotations
@@ -18,7 +19,14 @@ from typing import BinaryIO
 import structlog
 
 from publisher.bus import Bus
-from publisher.chunkserver import ChunkServer, FetchVerdict, Send
+from publisher.chunkserver import (
+    DEFAULT_GATHER_S,
+    DEFAULT_HOLD_S,
+    DEFAULT_QUIET_S,
+    ChunkServer,
+    FetchVerdict,
+    Send,
+)
 from publisher.errors import BusError, PlanError
 from schemas import topics
 from schemas.codec import decode_as, encode
@@ -59,14 +67,22 @@ class ShellCounters:
 class ChunkShell:
     """Serve the chunks of one or more model files to whoever fetches them."""
 
-    def __init__(self, bus: Bus, tick_s: float = DEFAULT_TICK_S, quiet_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        bus: Bus,
+        tick_s: float = DEFAULT_TICK_S,
+        quiet_s: float = DEFAULT_QUIET_S,
+        hold_s: float = DEFAULT_HOLD_S,
+        gather_s: float = DEFAULT_GATHER_S,
+    ) -> None:
         self.bus = bus
-        self.tick_s = tick_s
-        self.server = ChunkServer(quiet_s=quiet_s)
+        self.tick_s = tick_s  # the longest the sender sleeps without a fetch waking it
+        self.server = ChunkServer(quiet_s=quiet_s, hold_s=hold_s, gather_s=gather_s)
         self.counters = ShellCounters()
         self._lock = threading.Lock()
         self._files: dict[str, _ServedFile] = {}
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread: threading.Thread | None = None
 
     def serve(self, path: str | Path, manifest: Manifest) -> None:
@@ -97,6 +113,7 @@ class ChunkShell:
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         if self._thread is not None:
             self._thread.join(5)
         with self._lock:
@@ -124,21 +141,32 @@ class ChunkShell:
         with self._lock:
             verdict = self.server.on_fetch(device, fetch, time.monotonic())
         self.counters.verdicts[verdict.value] = self.counters.verdicts.get(verdict.value, 0) + 1
+        if verdict is FetchVerdict.ACCEPTED:
+            self._wake.set()
         if verdict is FetchVerdict.UNKNOWN_FILE:
             self.counters.foreign_fetches += 1
         elif verdict is FetchVerdict.BAD_BITMAP:
             log.warning("fetch bitmap does not fit the manifest", device=device, sha256=fetch.sha256[:12])
 
     def _run(self) -> None:
-        while not self._stop.wait(self.tick_s):
+        while not self._stop.is_set():
             try:
-                self.tick()
-            except Exception:  # the ticker is the only thing sending chunks: it must survive anything
+                with self._lock:
+                    now = time.monotonic()
+                    at = self.server.next_due(now)
+                if at is not None and at <= now:
+                    self.tick()
+                    continue
+                wait = self.tick_s if at is None else min(self.tick_s, at - now)
+                self._wake.wait(wait)
+                self._wake.clear()
+            except Exception:  # the sender is the only thing sending chunks: it must survive anything
                 self.counters.tick_errors += 1
                 log.exception("chunk tick failed")
+                self._stop.wait(self.tick_s)
 
     def tick(self) -> int:
-        """Publish what is due now; returns how many chunks were published."""
+        """Publish what is due now, ready or not; returns how many chunks were published."""
         with self._lock:
             sends = self.server.due(time.monotonic())
             files = dict(self._files)

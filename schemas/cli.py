@@ -8,6 +8,9 @@ imported only when it runs, so a board without the broker or publisher extras st
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import os
+import sys
 from pathlib import Path
 
 import click
@@ -99,7 +102,44 @@ def schema_export(directory: Path) -> None:
     click.echo(f"wrote {len(written)} files to {directory}")
 
 
+def lean_device_argv(argv: list[str]) -> list[str] | None:
+    """``python -m device`` arguments for a ``[--log-level L] [--log-json] device run ...`` command line.
+
+    None for anything else, and for ``--help`` (click renders that).
+    """
+    lean: list[str] = []
+    rest = list(argv)
+    while rest and rest[0].startswith("--log-"):
+        arg = rest.pop(0)
+        if arg == "--log-json" or arg.startswith("--log-level="):
+            lean.append(arg)
+        elif arg == "--log-level" and rest:
+            lean += [arg, rest.pop(0)]
+        else:
+            return None
+    if rest[:2] != ["device", "run"] or {"-h", "--help"} & set(rest):
+        return None
+    return ["run", *rest[2:], *lean]
+
+
+def _exec_lean_device(argv: list[str]) -> None:
+    """Replace this process with ``python -m device run ...`` (same pid, same signals).
+
+    By now this module has imported click and the logging stack, which a board's agent would carry
+    for its whole life (docs/device.md, "Measured": the lean process is several MiB smaller).
+    """
+    lean = lean_device_argv(argv)
+    if lean is None or importlib.util.find_spec("device.entry") is None:
+        return
+    orig = list(getattr(sys, "orig_argv", []))
+    flags = orig[1 : orig.index("-m")] if "-m" in orig else []  # keep -X / -W options
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, *flags, "-m", "device", *lean])  # noqa: S606 - our own interpreter
+
+
 def main() -> None:
+    _exec_lean_device(sys.argv[1:])
     cli(prog_name="fleetbus")
 
 

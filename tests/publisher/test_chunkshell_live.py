@@ -81,23 +81,31 @@ def test_fan_out_sends_each_chunk_once_to_every_device(
     assert shell.counters.bytes_sent == m.size
 
 
-def test_lone_fetch_is_answered_on_the_repair_topic_only(
+def test_lone_fetch_is_broadcast_first_and_repaired_after(
     served: tuple[ChunkShell, Manifest], broker_port: int
 ) -> None:
-    """One device asking alone gets its window as repairs; a bystander on the blob topic gets nothing."""
+    """A lone device's first window goes on blob (a bystander sees it); asking again for it gets repairs."""
     shell, m = served
+    shell.server.quiet_s = 0.0  # nothing counts as still on its way: the second fetch is answered
     with raw_clients(broker_port, 2) as (asker, bystander):
         asker.subscribe(topics.blob_filter(m.model_sha256), topics.repair_filter("asker"))
         bystander.subscribe(topics.blob_filter(m.model_sha256), topics.repair_filter("bystander"))
-        asker.publish(
-            topics.device_stream("asker", topics.DeviceStream.FETCH), empty_fetch("asker", m, window=3)
-        )
+        fetch_topic = topics.device_stream("asker", topics.DeviceStream.FETCH)
+        asker.publish(fetch_topic, empty_fetch("asker", m, window=3))
         wait_until(lambda: shell.server.pending == 1, what="fetch queued")
         assert shell.tick() == 3
         asker.wait_for(lambda got: len(got) >= 3)
-        assert sorted(decode_as(p, Chunk).index for _, p, _ in asker.received) == [0, 1, 2]
-        assert all(t.startswith(topics.repair_filter("asker")[:-1]) for t, _, _ in asker.received)
-        assert bystander.received == []
+        bystander.wait_for(lambda got: len(got) >= 3)
+        assert all(t.startswith(topics.blob_filter(m.model_sha256)[:-1]) for t, _, _ in asker.received)
+        asker.publish(fetch_topic, empty_fetch("asker", m, window=3))  # as if all three were lost
+        wait_until(lambda: shell.server.pending == 1, what="second fetch queued")
+        assert shell.tick() == 3
+        asker.wait_for(lambda got: len(got) >= 6)
+        repaired = asker.received[3:]
+        assert sorted(decode_as(p, Chunk).index for _, p, _ in repaired) == [0, 1, 2]
+        assert all(t.startswith(topics.repair_filter("asker")[:-1]) for t, _, _ in repaired)
+        assert len(bystander.received) == 3
+    assert shell.server.counters.repair_sent == 3
 
 
 def test_bad_fetches_are_counted_and_do_not_stop_serving(
@@ -106,7 +114,7 @@ def test_bad_fetches_are_counted_and_do_not_stop_serving(
     """Garbage, a forged device id and a foreign file are counted; a good fetch is still served after."""
     shell, m = served
     with raw_clients(broker_port, 1) as (dev,):
-        dev.subscribe(topics.repair_filter("good"))
+        dev.subscribe(topics.blob_filter(m.model_sha256), topics.repair_filter("good"))
         fetch_topic = topics.device_stream("good", topics.DeviceStream.FETCH)
         dev.publish(fetch_topic, b"\xc1not msgpack")
         dev.publish(fetch_topic, empty_fetch("someone-else", m, window=1))
@@ -137,3 +145,27 @@ def test_file_changed_on_disk_is_not_sent(tmp_path: Path, broker_port: int) -> N
             assert shell.tick() == 0
         shell.stop()
     assert shell.counters.read_errors == 2
+
+
+def test_sender_thread_answers_a_fetch_without_a_tick(tmp_path: Path, broker_port: int) -> None:
+    """With the sender thread running, a lone device's fetch is answered with no tick() call at all."""
+    path = tmp_path / "m.tflite"
+    write_model(path, ModelSpec(pad_to=100_000))
+    m = build_manifest(path, "1", options=PlanOptions(chunk_size=16 * 1024))
+    with Bus(BrokerAddress(port=broker_port)) as bus:
+        shell = ChunkShell(bus, tick_s=60.0)  # a tick would come far too late to pass this test
+        shell.start()
+        shell.serve(path, m)
+        try:
+            with raw_clients(broker_port, 1) as (dev,):
+                dev.subscribe(topics.blob_filter(m.model_sha256), topics.repair_filter("solo"))
+                dev.publish(
+                    topics.device_stream("solo", topics.DeviceStream.FETCH),
+                    empty_fetch("solo", m, window=m.chunk_count),
+                )
+                dev.wait_for(lambda got: len(got) >= m.chunk_count)
+                assert sorted(decode_as(p, Chunk).index for _, p, _ in dev.received) == list(
+                    range(m.chunk_count)
+                )
+        finally:
+            shell.stop()
