@@ -58,3 +58,12 @@ def stock_amqtt(port: int | None = None, config: dict[str, Any] | None = None) -
     finally:
         loop.call_soon_threadsafe(stop.set)
         thread.join(10)
+
+
+@contextlib.contextmanager
+def fleetbus_broker() -> Iterator[int]:
+    """fleetbus's hardened embedded broker, anonymous, in a thread on 127.0.0.1; yields its port."""
+    from broker.server import BrokerSettings, run_in_thread
+
+    with run_in_thread(BrokerSettings(host="127.0.0.1", port=0, allow_anonymous=True)) as handle:
+        yield handle.port

@@ -2,7 +2,7 @@
 
 Everything runs as it does in the field: `python -m schemas.cli device run` per device,
 `python -m schemas.cli serve --http --key` for the service, `python -m schemas.cli rollout ...` for the
-operator, all over one amqtt broker on a free port.
+operator, all over one fleetbus broker on a free port.
 """
 
 from __future__ import annotations

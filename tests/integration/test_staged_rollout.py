@@ -12,7 +12,7 @@ import pytest
 
 from publisher.modelgen import ModelSpec, write_model
 from schemas.signing import write_keypair
-from tests.helpers import stock_amqtt
+from tests.helpers import fleetbus_broker
 from tests.integration.staged_rig import Agents, Observer, Serve, agents, cli, document, push, wait
 
 DEVICES = ["st-1", "st-2", "st-3"]
@@ -34,7 +34,7 @@ def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
     """A broker, three agents in group `lab`, `fleetbus serve` with a key, and a raw observer."""
     root = tmp_path_factory.mktemp("staged")
     private, public = write_keypair(root / "keys")
-    with stock_amqtt() as port, agents(root, port, public.read_text().strip(), DEVICES) as running:
+    with fleetbus_broker() as port, agents(root, port, public.read_text().strip(), DEVICES) as running:
         observer = Observer(port)
         serve = Serve(root, port, private).start()
         try:

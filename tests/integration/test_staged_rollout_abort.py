@@ -16,7 +16,7 @@ from publisher.document import rank
 from publisher.modelgen import ModelSpec, build_broken, write_model
 from schemas.messages import ExecStatus
 from schemas.signing import write_keypair
-from tests.helpers import stock_amqtt
+from tests.helpers import fleetbus_broker
 from tests.integration.staged_rig import Observer, Serve, agents, document, push, wait
 
 N = 20
@@ -46,7 +46,7 @@ def test_abort_at_the_threshold_then_roll_back_the_devices_that_committed(tmp_pa
     v1_sha = hashlib.sha256((tmp_path / "v1.tflite").read_bytes()).hexdigest()
     v2_sha = hashlib.sha256((tmp_path / "v2.tflite").read_bytes()).hexdigest()
     with (
-        stock_amqtt() as port,
+        fleetbus_broker() as port,
         agents(tmp_path, port, public.read_text().strip(), DEVICES, interval_s=0.25, health_s=2.0) as running,
     ):
         observer = Observer(port)

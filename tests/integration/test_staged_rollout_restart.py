@@ -8,7 +8,7 @@ from pathlib import Path
 
 from publisher.modelgen import ModelSpec, write_model
 from schemas.signing import write_keypair
-from tests.helpers import stock_amqtt
+from tests.helpers import fleetbus_broker
 from tests.integration.staged_rig import Observer, Serve, agents, cli, document, wait
 
 DEVICES = [f"rs-{i}" for i in range(6)]
@@ -28,7 +28,7 @@ def test_serve_restarts_mid_rollout_and_completes_without_notifying_anyone_twice
         waves="[[waves]]\ncount = 2\nmin_soak_s = 8\n\n[[waves]]\npercent = 100\n",
     )
     key = public.read_text().strip()
-    with stock_amqtt() as port, agents(tmp_path, port, key, [*DEVICES, LATE]) as running:
+    with fleetbus_broker() as port, agents(tmp_path, port, key, [*DEVICES, LATE]) as running:
         observer = Observer(port)
         serve = Serve(tmp_path, port, private).start()
         try:
