@@ -12,6 +12,7 @@ import click
 from broker.errors import BrokerError
 from broker.registry import Role
 from broker.registry_cli import _errors, open_registry, registry_option
+from schemas.messages import MQTT_PORT
 
 
 @click.group("broker", invoke_without_command=True)
@@ -57,7 +58,7 @@ def certs(directory: Path, hosts: tuple[str, ...], days: int, force: bool) -> No
 @broker.command("export-mosquitto")
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 @registry_option
-@click.option("--port", default=1883, show_default=True, help="Mosquitto's MQTT listener port.")
+@click.option("--port", default=MQTT_PORT, show_default=True, help="Mosquitto's MQTT listener port.")
 @click.option("--bind", default="127.0.0.1", show_default=True, help="Address of the listeners.")
 @click.option(
     "--security",
@@ -125,7 +126,7 @@ def user() -> None:
     default=None,
     help="Also write a ready operator.toml (mode 0600) for the publisher CLI and `fleetbus serve`.",
 )
-@click.option("--broker-url", default="mqtt://127.0.0.1:1883", show_default=True, help="For --out.")
+@click.option("--broker-url", default=f"mqtt://127.0.0.1:{MQTT_PORT}", show_default=True, help="For --out.")
 @click.option("--cafile", type=click.Path(dir_okay=False, path_type=Path), default=None, help="For --out.")
 @click.option("--key", default=None, help="For --out: the publisher's Ed25519 signing key file.")
 def user_add(  # noqa: PLR0917 - click passes every parameter by keyword

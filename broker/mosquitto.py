@@ -41,6 +41,7 @@ from broker import acl
 from broker.errors import ExportError
 from broker.registry import Principal, Registry, Role
 from schemas.codec import DEFAULT_MAX_BYTES
+from schemas.messages import MQTT_PORT
 
 log = structlog.get_logger("fleetbus.broker.mosquitto")
 
@@ -68,7 +69,7 @@ def find_dynsec_plugin() -> Path | None:
 class MosquittoSettings:
     """What goes into mosquitto.conf besides the registry."""
 
-    port: int = 1883
+    port: int = MQTT_PORT
     security: str = "auto"  # "dynsec", "file", or "auto" (dynsec when the plugin is installed)
     dynsec_plugin: Path | None = None  # default: find_dynsec_plugin()
     bind: str = "127.0.0.1"

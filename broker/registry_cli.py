@@ -20,6 +20,7 @@ import click
 
 from broker.errors import BrokerError
 from broker.registry import Principal, Registry, Role, default_registry_path
+from schemas.messages import MQTT_PORT, MQTTS_PORT
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -27,7 +28,7 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 F = TypeVar("F", bound=Callable[..., Any])
-DEFAULT_BROKER_URL = "mqtt://127.0.0.1:1883"
+DEFAULT_BROKER_URL = f"mqtt://127.0.0.1:{MQTT_PORT}"
 
 
 def registry_option(func: F) -> F:
@@ -63,7 +64,7 @@ def parse_broker_url(url: str) -> tuple[str, int, bool]:
         )
     tls = parts.scheme == "mqtts"
     try:
-        port = parts.port or (8883 if tls else 1883)
+        port = parts.port or (MQTTS_PORT if tls else MQTT_PORT)
     except ValueError:
         raise click.BadParameter(f"{url!r} has an invalid port", param_hint="--broker-url") from None
     return parts.hostname, port, tls

@@ -44,6 +44,7 @@ from broker.errors import BrokerConfigError
 from broker.hardening import HardenedBroker
 from broker.session_store import SessionStore
 from schemas.codec import DEFAULT_MAX_BYTES
+from schemas.messages import MQTT_PORT
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -67,7 +68,7 @@ class BrokerSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     host: str = "127.0.0.1"
-    port: int = Field(default=1883, ge=0, le=65535)
+    port: int = Field(default=MQTT_PORT, ge=0, le=65535)
     ws_port: int | None = Field(default=None, ge=0, le=65535)
     tls_port: int | None = Field(default=None, ge=0, le=65535)
     certfile: Path | None = None

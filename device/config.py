@@ -56,6 +56,7 @@ from typing import Any, TypeVar
 
 from device.errors import ConfigError
 from schemas.errors import TopicError
+from schemas.messages import MQTT_PORT
 from schemas.topics import validate_id
 
 if sys.version_info >= (3, 11):
@@ -75,7 +76,7 @@ class DeviceSection:
 @dataclass(frozen=True)
 class MqttSection:
     host: str = "127.0.0.1"
-    port: int = 1883
+    port: int = MQTT_PORT
     username: str | None = None
     password: str | None = None
     tls: bool = False

@@ -19,6 +19,7 @@ import structlog
 from paho.mqtt.enums import CallbackAPIVersion
 
 from publisher.errors import BusError, ConfigError
+from schemas.messages import MQTT_PORT, MQTTS_PORT
 from schemas.topics import matches
 
 log = structlog.get_logger("publisher.bus")
@@ -32,7 +33,7 @@ class BrokerAddress:
     """Where the broker is and how to log in to it."""
 
     host: str = "127.0.0.1"
-    port: int = 1883
+    port: int = MQTT_PORT
     username: str | None = None
     password: str | None = None
     tls: bool = False
@@ -48,7 +49,7 @@ class BrokerAddress:
                 text, tls = text[len(scheme) :], tls or secure
         host, sep, port = text.rpartition(":")
         if not sep:
-            host, port = text, "8883" if tls else "1883"
+            host, port = text, str(MQTTS_PORT if tls else MQTT_PORT)
         try:
             number = int(port)
         except ValueError:

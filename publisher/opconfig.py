@@ -27,6 +27,7 @@ import tomllib
 
 from publisher.bus import BrokerAddress
 from publisher.errors import ConfigError
+from schemas.messages import MQTT_PORT
 
 _MQTT_KEYS = {"host", "port", "username", "password", "tls", "cafile", "keepalive"}
 _PUBLISHER_KEYS = {"key", "server", "token"}
@@ -62,7 +63,7 @@ def load_operator_config(path: str | os.PathLike[str]) -> OperatorConfig:
     unknown = sorted((set(mqtt) - _MQTT_KEYS) | (set(publisher) - _PUBLISHER_KEYS))
     if unknown:
         raise ConfigError(f"{p}: unknown keys {', '.join(unknown)}")
-    port = mqtt.get("port", 1883)
+    port = mqtt.get("port", MQTT_PORT)
     if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
         raise ConfigError(f"{p}: [mqtt] port must be a TCP port number, got {port!r}")
     cafile = mqtt.get("cafile")

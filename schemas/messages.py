@@ -18,6 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 SCHEMA_VERSION = 1
 MAX_CHUNK_SIZE = 256 * 1024
+# IANA-assigned MQTT ports: the defaults wherever a config or address leaves the port out.
+MQTT_PORT = 1883
+MQTTS_PORT = 8883
 MIN_CHUNK_SIZE = 1024
 
 Sha256Hex = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]

@@ -8,6 +8,7 @@ import pytest
 
 from device.config import load_settings
 from device.errors import ConfigError
+from schemas.messages import MQTT_PORT
 
 KEY = "ab" * 32
 
@@ -28,7 +29,7 @@ def test_minimal_config_gets_defaults_and_relative_paths(tmp_path: Path) -> None
     assert s.device.id == "d1"
     assert s.state_path == tmp_path / "st"
     assert s.trust.publisher_keys == (KEY, str(tmp_path / "p.pub"))
-    assert s.mqtt.port == 1883
+    assert s.mqtt.port == MQTT_PORT
     assert s.inference.source == "synthetic"
     assert s.watchdog.window == 20
 

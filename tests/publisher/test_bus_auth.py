@@ -10,6 +10,7 @@ from broker.registry import Registry, Role
 from broker.testing import embedded_broker
 from publisher.bus import BrokerAddress, Bus
 from publisher.errors import BusError, ConfigError
+from schemas.messages import MQTT_PORT
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,7 @@ def test_refused_login_is_a_bus_error(
 def test_broker_address_parsing() -> None:
     """HOST:PORT, a bare host and mqtts:// URLs parse; nonsense says what shape is expected."""
     assert BrokerAddress.parse("10.0.0.2:1884") == BrokerAddress(host="10.0.0.2", port=1884)
-    assert BrokerAddress.parse("broker.lan").port == 1883
+    assert BrokerAddress.parse("broker.lan").port == MQTT_PORT
     secure = BrokerAddress.parse("mqtts://broker.lan")
     assert (secure.tls, secure.port) == (True, 8883)
     with pytest.raises(ConfigError, match="HOST:PORT"):
