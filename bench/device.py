@@ -9,7 +9,8 @@
               Agents run in this process as threads (100 processes would measure the machine, not
               the protocol); the chunk server is the publisher's ChunkShell.
 2. memory     steady-state VmRSS of a `fleetbus device run` process serving a model, per Python
-              given (a venv with LiteRT or with tflite-runtime), against a bare `python -c pass`.
+              given (a venv with LiteRT or with tflite-runtime), against a bare `python -c pass`;
+              then again once it has committed a signed 1 MB rollout (what that imports stays).
 3. download   peak VmRSS of an agent process while it downloads a 50 MB model vs a 1 MB one.
 4. inference  the agent's inference loop (InferenceLoop.step) vs bare interpreter.invoke() on the
               same model and inputs.
@@ -44,12 +45,13 @@ from device.agent import Agent  # noqa: E402
 from device.config import settings_from_dict  # noqa: E402
 from device.store import AgentState, ModelRef, Store  # noqa: E402
 from publisher.modelgen import ModelSpec, build_model, model_ops, tensor_signature  # noqa: E402
+from publisher.plan import DEFAULT_CHUNK_SIZE  # noqa: E402
 from schemas import topics  # noqa: E402
 from schemas.codec import decode, encode  # noqa: E402
 from schemas.messages import Chunk, Manifest, TensorSig  # noqa: E402
 from schemas.signing import generate_keypair, key_id, sign  # noqa: E402
 
-CHUNK = [64 * 1024]  # the delivery bench's chunk size (--chunk-kib)
+CHUNK = [DEFAULT_CHUNK_SIZE]  # the delivery bench's chunk size (--chunk-kib): the publisher's default
 
 
 # --- plumbing -----------------------------------------------------------------------------------
@@ -446,15 +448,52 @@ _RSS_SNIPPET = "print(open('/proc/self/status').read().split('VmRSS:')[1].split(
 _RUNTIME_SNIPPET = "from device.runtime import default_runtime as d; r = d(); print(r.name, r.version)"
 
 
+def _steady_rss(pid: int) -> float:
+    """Median VmRSS over 2 s, after 2 s of letting inferences, result batches and a health go."""
+    time.sleep(2.0)
+    samples = []
+    for _ in range(10):
+        samples.append(vm(pid))
+        time.sleep(0.2)
+    return statistics.median(samples)
+
+
 def bench_memory(pythons: list[str]) -> None:
     print("\n## memory: steady-state VmRSS of an agent serving a model (MiB)")
-    print("| python | runtime | bare python | launched as | agent, serving | agent - bare |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| python | runtime | bare python | launched as | serving | serving - bare | after 1 MB rollout |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from publisher.bus import BrokerAddress, Bus
+    from publisher.chunkshell import ChunkShell
+
     model = build_model(ModelSpec(input_size=16, output_size=8, seed=1))
-    _, pub = generate_keypair()
+    # What a rollout brings in stays for good: the signature check's imports, the gate, the swap.
+    update = build_model(ModelSpec(input_size=16, output_size=8, seed=2, pad_to=1_000_000))
+    priv_hex, pub = generate_keypair()
+    private = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(priv_hex))
     mib = 1 << 20
     with tempfile.TemporaryDirectory() as td, amqtt_broker() as port:
         births = BirthWatch(port)
+        states = StateWatch(port)
+        bus = Bus(BrokerAddress(port=port))
+        bus.connect()
+        operator = paho(port, "mem-op")
+        update_path = Path(td) / "update.tflite"
+        update_path.write_bytes(update)
+
+        def roll_out(device: str, rollout: str) -> None:
+            m = manifest_for(update, "2.0", rollout)
+            shell = ChunkShell(bus)
+            shell.serve(update_path, m)
+            shell.start()
+            try:
+                deploy = encode(sign(m, private, key_id(pub)))
+                operator.publish(topics.device_desired(device), deploy, qos=1, retain=True)
+                states.wait(rollout, 1, 120)
+            finally:
+                shell.stop()
+
         for k, python in enumerate(pythons):
             probe = subprocess.run([python, "-c", _RSS_SNIPPET], capture_output=True, text=True, check=True)
             bare = int(probe.stdout) * 1024
@@ -471,14 +510,11 @@ def bench_memory(pythons: list[str]) -> None:
                 seed(state, model)
                 proc = spawn_agent(python, port, state, pub, {}, launcher=launcher)
                 try:
-                    # The birth follows the model load; then let a few dozen inferences and a health go.
+                    # The birth follows the model load.
                     births.wait(state.name)
-                    time.sleep(2.0)
-                    samples = []
-                    for _ in range(10):
-                        samples.append(vm(proc.pid))
-                        time.sleep(0.2)
-                    rss = statistics.median(samples)
+                    rss = _steady_rss(proc.pid)
+                    roll_out(state.name, f"mem-{k}-{j}")
+                    after = _steady_rss(proc.pid)
                 finally:
                     proc.terminate()
                     proc.wait(10)
@@ -489,9 +525,14 @@ def bench_memory(pythons: list[str]) -> None:
                     launcher,
                     f"{rss / mib:.1f}",
                     f"{(rss - bare) / mib:.1f}",
+                    f"{after / mib:.1f}",
                 ]
                 print("| " + " | ".join(cells) + " |")
                 sys.stdout.flush()
+        operator.disconnect()
+        operator.loop_stop()
+        bus.close()
+        states.close()
         births.close()
 
 

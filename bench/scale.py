@@ -45,7 +45,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 PY = sys.executable
-CHUNK = 64 * 1024
+
+
+def chunk_size() -> int:
+    """The rollout's chunk size (publisher/plan.py's default), so the baseline moves the same chunks."""
+    from publisher.plan import DEFAULT_CHUNK_SIZE
+
+    return DEFAULT_CHUNK_SIZE
 
 
 def free_port() -> int:
@@ -144,6 +150,11 @@ def agent_worker(port: int, start: int, count: int, root: str, public_hex: str) 
 
     # A thousand agents logging every step at info would measure the terminal, not the rollout.
     configure_logging("warning")
+    # The agent imports its signature check on the first deploy (a board's process pays ~50 ms once).
+    # Here 250 agent threads would queue on that one import while the GIL is shared among 750
+    # threads, which stalled every agent of the process for 5-40 s; import it before they start.
+    import cryptography.hazmat.primitives.asymmetric.ed25519  # noqa: F401
+
     runtime = SharedRuntime()
     agents = []
     for k in range(start, start + count):
@@ -207,6 +218,70 @@ def raw_worker(port: int, count: int, topic: str, chunks: int) -> None:
         c.loop_stop()
 
 
+# --- the trace ------------------------------------------------------------------------------------
+
+
+class Tracer:
+    """Writes one JSON line per deploy, fetch and state report as the broker delivers them.
+
+    With ``--trace FILE`` this shows where a rollout's wall time goes: when each device's deploy
+    passed the broker, when the device asked for chunks, and when it reported each state.
+    """
+
+    def __init__(self, port: int, path: Path) -> None:
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        from schemas import topics
+
+        self.out = open(path, "w")  # noqa: SIM115 - closed in close()
+        self.t0 = time.monotonic()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"trace-{os.getpid()}")
+        self.client.on_message = self._on_message
+        self.client.connect("127.0.0.1", port, keepalive=120)
+        self.client.subscribe(
+            [
+                (f"{topics.PREFIX}/desired/dev/+", 0),
+                (topics.device_stream_filter(topics.DeviceStream.FETCH), 0),
+                (topics.device_stream_filter(topics.DeviceStream.STATE), 0),
+            ]
+        )
+        self.client.loop_start()
+
+    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        from schemas import topics
+        from schemas.codec import decode
+
+        now = time.monotonic() - self.t0
+        parsed = topics.parse(msg.topic)
+        row: dict[str, Any] = {"t": round(now, 3), "device": parsed.device}
+        try:
+            body = decode(msg.payload) if msg.payload else None
+        except Exception as exc:  # a trace must not stop on one odd payload
+            row["error"] = str(exc)
+            body = None
+        if "/desired/" in msg.topic:
+            row["what"] = "deploy"
+            row["retained"] = bool(msg.retain)
+        elif msg.topic.endswith("/fetch"):
+            row["what"] = "fetch"
+            bitmap = getattr(body, "bitmap", b"") or b""
+            row["have"] = sum(bin(b).count("1") for b in bitmap)
+        else:
+            row["what"] = "state"
+            row["state"] = str(getattr(body, "status", ""))
+            row["details"] = dict(getattr(body, "details", {}) or {})
+        self.out.write(json.dumps(row) + "\n")
+
+    def mark(self, what: str) -> None:
+        self.out.write(json.dumps({"t": round(time.monotonic() - self.t0, 3), "what": what}) + "\n")
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+        self.out.close()
+
+
 # --- the bench ------------------------------------------------------------------------------------
 
 
@@ -242,7 +317,8 @@ def baseline(port: int, devices: int, workers: int, model: bytes) -> float:
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
-    chunks = [model[i : i + CHUNK] for i in range(0, len(model), CHUNK)]
+    size = chunk_size()
+    chunks = [model[i : i + size] for i in range(0, len(model), size)]
     topic = "bench/raw/+"
     procs = []
     with contextlib.ExitStack() as stack:
@@ -275,7 +351,9 @@ def baseline(port: int, devices: int, workers: int, model: bytes) -> float:
     return max(ends) - t0
 
 
-def rollout(port: int, devices: int, workers: int, model_path: Path, root: Path) -> dict[str, Any]:
+def rollout(
+    port: int, devices: int, workers: int, model_path: Path, root: Path, *, trace: Path | None = None
+) -> dict[str, Any]:
     """Start agents and serve, submit the staged document, and time it to COMPLETED."""
     from publisher.document import load_document
     from publisher.http import fetch_json, submit_rollout, upload_blob
@@ -353,9 +431,12 @@ def rollout(port: int, devices: int, workers: int, model_path: Path, root: Path)
         if online < devices:
             raise RuntimeError(f"only {online} of {devices} agents came online")
         time.sleep(2.0)  # let the retained births settle in serve's fleet
+        tracer = stack.enter_context(contextlib.closing(Tracer(port, trace))) if trace else None
         doc = load_document(doc_path)
         private, kid = load_private_key(private_path)
         t0 = time.monotonic()
+        if tracer is not None:
+            tracer.mark("submit")
         digest = digest_file(model_path)
         upload_blob(url, str(model_path), digest.sha256)
         submit_rollout(url, sign_submission(doc, digest.sha256, digest.size, private=private, key_id=kid))
@@ -390,6 +471,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--size-mb", type=float, default=1.0)
     p.add_argument("--workers", type=int, default=4, help="agent processes (agents run as threads)")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    p.add_argument("--trace", type=Path, help="write every deploy, fetch and state report seen (JSON lines)")
+    p.add_argument("--no-baseline", action="store_true", help="skip the bare fan-out (for traced runs)")
     opts = p.parse_args(args)
 
     from publisher.modelgen import ModelSpec, write_model
@@ -405,8 +488,8 @@ def main(argv: list[str] | None = None) -> None:
         broker_log = open(root / "broker.log", "w")  # noqa: SIM115 - closed with the directory's life
         with process([PY, "-m", "broker.server", str(config)], stdout=broker_log, stderr=subprocess.STDOUT):
             wait_port(port)
-            t_base = baseline(port, opts.devices, opts.workers, model)
-            figures = rollout(port, opts.devices, opts.workers, model_path, root)
+            t_base = float("nan") if opts.no_baseline else baseline(port, opts.devices, opts.workers, model)
+            figures = rollout(port, opts.devices, opts.workers, model_path, root, trace=opts.trace)
     figures.update(
         devices=opts.devices,
         model_bytes=len(model),
@@ -421,7 +504,8 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"devices                   {opts.devices} (real agent code; simulator inference stub, see docstring)"
     )
-    print(f"model                     {len(model)} bytes, {len(model) // CHUNK + 1} chunks")
+    size = chunk_size()
+    print(f"model                     {len(model)} bytes, {-(-len(model) // size)} chunks of {size} bytes")
     print(f"agents online after       {figures['agents_online_s']:.1f} s")
     print(f"baseline bare fan-out     {t_base:.2f} s (same chunks to {opts.devices} paho subscribers)")
     print(

@@ -19,6 +19,7 @@ import time
 from dataclasses import replace
 from typing import Any
 
+import msgpack
 import structlog
 
 from device import shadow
@@ -67,6 +68,17 @@ log = structlog.get_logger("device.agent")
 
 _Next = tuple[Event, str | None] | None
 
+#: A state is persisted before each step is reported, but a download's progress reports are not:
+#: each persisted state reserves this many version numbers for them, so numbers still only grow
+#: across a crash without an fsync'd state save per progress report.
+VERSION_RESERVE = 16
+#: Progress reports during a download: at each 10 % boundary, but at most one per this interval.
+#: A fast download (seconds) needs none: the chunk server reports every device's bitmap anyway.
+PROGRESS_EVERY_S = 1.0
+#: The credit a fetch gives is capped in bytes as well as in chunks: a slow board's inbox holds at
+#: most a window, and 64 chunks of 256 KiB would be 16 MiB of it.
+FETCH_WINDOW_BYTES = 4 * 1024 * 1024
+
 
 def agent_version() -> str:
     try:
@@ -110,12 +122,16 @@ class Agent:
         self._watchdog: Watchdog | None = None
         self._last_state_msg: bytes | None = None
         self._last_percent = -1
+        self._last_progress = 0.0
+        self._version = 0  # of the last State report sent
+        self._digest: tuple[str, str] | None = None  # (file, SHA-256 of the bytes written for it)
         self._started = time.monotonic()
         self._cpu = CpuMeter()
         self._last_error: str | None = None
         tr = settings.transfer
         self._pacer = FetchPacer(tr.window, tr.fetch_timeout_s, tr.fetch_backoff_max_s, settle_s=tr.settle_s)
         self._blob_filter: str | None = None
+        self._early_blob: str | None = None  # subscribed while the deploy naming it is checked
         self._next_health = 0.0
         self._ops: list[str] | None = None
         source = source or make_source(settings.inference.source)
@@ -200,6 +216,7 @@ class Agent:
         except StoreError as exc:
             self._error("state_corrupt", str(exc))
             self.state = AgentState()
+        self._version = max(self.state.version_number, self.state.version_reserved)
         deploy_bytes = self.store.load_deploy()
         if deploy_bytes is not None and self.state.rollout_id is not None:
             # deploy.bin was verified before it was saved; whoever can rewrite the state directory
@@ -210,8 +227,9 @@ class Agent:
             except DecodeError as exc:
                 self._error("resume_errors", f"saved deploy unusable: {exc}")
         self._serve_active()
-        # The last report may have died with the process: repeat it on connect (same version number).
-        self._last_state_msg = self._state_message()
+        # The last report may have died with the process: repeat it on connect, numbered at the top
+        # of the reserve, which no progress report uses, so it is above any report already sent.
+        self._last_state_msg = self._state_message(version=self._version)
         step = self.state.step
         if step is Step.IDLE or (step.terminal and not (step is Step.SUCCEEDED and self.state.watching)):
             return
@@ -336,7 +354,9 @@ class Agent:
             part, _ = self.store.staging_paths(m.model_sha256)
             if not part.exists():
                 return Event.HASH_MISMATCH, "the staged file is gone"
-            got = sha256_file(part)
+            # Hashed as it was written when this process downloaded it; read back after a restart.
+            digest, self._digest = self._digest, None
+            got = digest[1] if digest is not None and digest[0] == m.model_sha256 else sha256_file(part)
             if got != m.model_sha256:
                 return Event.HASH_MISMATCH, f"file hashes to {got}, manifest says {m.model_sha256}"
             return Event.VERIFIED, None
@@ -453,15 +473,26 @@ class Agent:
             return seq
 
     def _report(self, percent: int | None = None) -> None:
-        """Persist the state with a new version number, then publish it (retained)."""
-        self.state = replace(self.state, version_number=self.state.version_number + 1)
-        self.store.save_state(self.state)
-        msg = self._state_message(percent)
+        """Persist the state with a new version number, then publish it (retained).
+
+        A progress report (``percent``) persists nothing while it uses a reserved number below the
+        top one (kept for the report a restarted agent repeats).
+        """
+        self._version += 1
+        if percent is None:
+            self.state = replace(
+                self.state, version_number=self._version, version_reserved=self._version + VERSION_RESERVE
+            )
+            self.store.save_state(self.state)
+        elif self._version >= self.state.version_reserved:
+            self.state = replace(self.state, version_reserved=self._version + VERSION_RESERVE)
+            self.store.save_state(self.state)
+        msg = self._state_message(percent, self._version)
         if msg is not None:
             self._last_state_msg = msg
             self.link.publish(self._topic(topics.DeviceStream.STATE), msg, qos=1, retain=True)
 
-    def _state_message(self, percent: int | None = None) -> bytes | None:
+    def _state_message(self, percent: int | None = None, version: int | None = None) -> bytes | None:
         rep = report(self.state.step, percent=percent, rolled_back=self.state.rolled_back)
         if rep is None or self.state.rollout_id is None:
             return None
@@ -470,7 +501,7 @@ class Agent:
             seq=self._next_seq(),
             rollout_id=self.state.rollout_id,
             status=rep.status,
-            version_number=self.state.version_number,
+            version_number=self.state.version_number if version is None else version,
             details=rep.details,
             reason=self.state.reason,
             model_version=self.state.active.version if self.state.active else None,
@@ -644,6 +675,31 @@ class Agent:
         if deploy.rollout_id == self.state.rollout_id and payload == self.store.load_deploy():
             self.counters.inc("repeated_deploys")  # the retained deploy again, after a reconnect
             return
+        # Subscribe to the file's chunks before the slow part (the signature check, the persisted
+        # steps): in a fleet the first device to fetch starts the broadcast, and one not subscribed
+        # by then is repaired chunk by chunk.  Chunks wait in the queue until this call has opened
+        # the staging file of the verified manifest; nothing is kept from them otherwise.
+        early = self._subscribe_early(deploy)
+        try:
+            self._accept_deploy(deploy, payload)
+        finally:
+            if early is not None and early != self._blob_filter:
+                self.link.unsubscribe(early)  # this deploy did not lead to a download of that file
+            self._early_blob = None
+
+    def _subscribe_early(self, deploy: Deploy) -> str | None:
+        try:
+            sha = msgpack.unpackb(deploy.manifest).get("model_sha256")
+            blob = topics.blob_filter(sha)
+        except Exception:  # an unreadable manifest is refused by the signature check that follows
+            return None
+        if blob == self._blob_filter:
+            return None  # already downloading that file
+        self.link.subscribe([blob])
+        self._early_blob = blob
+        return blob
+
+    def _accept_deploy(self, deploy: Deploy, payload: bytes) -> None:
         try:
             m = verify(deploy, self._pinned())
         except SignatureError as exc:
@@ -683,9 +739,12 @@ class Agent:
         if self._staging.book.complete:
             return Event.COMPLETE, None
         self._blob_filter = topics.blob_filter(m.model_sha256)
-        self.link.subscribe([self._blob_filter])
+        if self._blob_filter != self._early_blob:
+            self.link.subscribe([self._blob_filter])
+        self._pacer.window = self._window(m)
         self._pacer.start()
         self._last_percent = st_percent = self._staging.book.percent
+        self._last_progress = time.monotonic()
         self._send_fetch()
         if st_percent:
             self._report(percent=st_percent)  # a resumed download says how far it already is
@@ -693,6 +752,8 @@ class Agent:
 
     def _end_fetch(self) -> None:
         if self._staging is not None:
+            if self._staging.book.complete and self.manifest is not None:
+                self._digest = (self.manifest.model_sha256, self._staging.digest())
             self._staging.flush()
             self._staging.close()
             self._staging = None
@@ -705,8 +766,9 @@ class Agent:
         st = self._staging
         if st is None or self.manifest is None:
             return
-        st.flush()
-        window = self.settings.transfer.window
+        # No flush first: a bit the disk does not hold yet only makes the server skip a chunk that
+        # a restarted agent then asks for again with the bitmap it persisted.
+        window = self._window(self.manifest)
         fetch = Fetch(
             device_id=self.device_id,
             seq=self._next_seq(),
@@ -718,6 +780,10 @@ class Agent:
         self.link.publish(self._topic(topics.DeviceStream.FETCH), encode(fetch), qos=1)
         self.counters.inc("fetches")
         self._pacer.sent(time.monotonic())
+
+    def _window(self, m: Manifest) -> int:
+        """Chunks a fetch asks for: the configured window, within FETCH_WINDOW_BYTES."""
+        return max(1, min(self.settings.transfer.window, FETCH_WINDOW_BYTES // m.chunk_size))
 
     def _on_chunk(self, chunk: Chunk) -> None:
         st = self._staging
@@ -747,7 +813,10 @@ class Agent:
             return
         pct = st.book.percent
         if pct // 10 > self._last_percent // 10:
-            self._last_percent = pct
+            now = time.monotonic()
+            if now - self._last_progress < PROGRESS_EVERY_S:
+                return
+            self._last_percent, self._last_progress = pct, now
             self._report(percent=pct)
 
     # --- timers -------------------------------------------------------------------------------

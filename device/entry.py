@@ -8,12 +8,20 @@ What it deliberately does not do: keep ``ssl`` out of a plain-TCP process with `
 names ``ssl.SSLWantReadError`` in the ``except`` clauses of its plain-socket reads, so the first
 would-block read raised AttributeError and killed the network thread (seen in
 tests/device/test_crash_resume.py).  The saving was about 1.2 MiB; hashlib maps libcrypto anyway.
+
+What it does keep out: the optional extras structlog's console renderer imports when they are
+installed (rich, better_exceptions, colorama).  They only colour output and prettify tracebacks, and
+the agent logs without colour, so a board where rich happens to be installed (a dev install) paid
+3.2 MiB of RSS for nothing and logged tracebacks differently from one without it.
 """
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
+
+# Imported by structlog.dev in try/except ImportError; None in sys.modules is "not installed".
+UNUSED_EXTRAS = ("rich", "better_exceptions", "colorama")
 
 USAGE = """usage: python -m device run [--config device.toml] [--log-level LEVEL] [--log-json]
 
@@ -68,7 +76,16 @@ def serve(config: Path) -> None:
     agent.run()
 
 
+def keep_out_unused_extras() -> None:
+    """Make structlog fall back to plain tracebacks, as on a board without the extras installed."""
+    for name in UNUSED_EXTRAS:
+        if name not in sys.modules:
+            sys.modules[name] = None  # type: ignore[assignment]
+
+
 def main(argv: list[str] | None = None) -> int:
+    # First, before anything imports structlog.
+    keep_out_unused_extras()
     config, level, as_json = parse_args(sys.argv[1:] if argv is None else argv)
     if not config.is_file():
         print(f"Error: config file {config} does not exist", file=sys.stderr)

@@ -5,6 +5,11 @@
 (`ai_edge_litert`) and tflite-runtime (`tflite_runtime`), whose interpreter APIs are the same.
 Neither is imported until a model is loaded or the ops are probed: the interpreter alone costs
 about 10 MiB of RSS, which an agent that is only downloading should not pay.
+
+Both apply the XNNPACK delegate by default, which packs a float model's weights into a copy of its
+own: a 69 MiB model then costs 141 MiB of RSS (the mapped file plus 69 MiB of packed weights)
+instead of 72, for 1.6 to 1.8 times faster inference (docs/device.md, "Measured").  A board short
+of memory sets ``FLEETBUS_XNNPACK=0`` to run the builtin kernels on the mapped weights alone.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from device.errors import ModelLoadError, RuntimeUnavailable
 
 Backend = Literal["litert", "tflite-runtime"]
 RUNTIME_ENV = "FLEETBUS_RUNTIME"
+XNNPACK_ENV = "FLEETBUS_XNNPACK"
+_SWITCH = {"1": True, "true": True, "on": True, "0": False, "false": False, "off": False}
 # backend -> (module that holds Interpreter, distribution that carries the version)
 _BACKENDS: dict[str, tuple[str, str]] = {
     "litert": ("ai_edge_litert", "ai-edge-litert"),
@@ -209,22 +216,27 @@ class LiteRtModel:
 class LiteRtRuntime:
     """LiteRT or tflite-runtime, imported on first use."""
 
-    def __init__(self, backend: Backend = "litert") -> None:
+    def __init__(self, backend: Backend = "litert", *, xnnpack: bool = True) -> None:
         module, dist = _BACKENDS[backend]
         self.name: str = backend
+        self.xnnpack = xnnpack
         self._module = module
         try:
             self.version: str = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
             self.version = "unknown"
         self._interpreter_cls: Any = None
+        self._resolver_without_delegates: Any = None
         self._ops: list[str] | None = None
 
     def load(self, path: str | os.PathLike[str], num_threads: int = 1) -> LiteRtModel:
         """Load and allocate the model at `path`, or raise ModelLoadError saying why not."""
         cls = self._interpreter_class()
+        options: dict[str, Any] = {}
+        if not self.xnnpack:
+            options["experimental_op_resolver_type"] = self._resolver_without_delegates
         try:
-            interpreter = cls(model_path=os.fspath(path), num_threads=num_threads)
+            interpreter = cls(model_path=os.fspath(path), num_threads=num_threads, **options)
             interpreter.allocate_tensors()
         except ImportError as exc:
             # tflite-runtime's wheels, built against numpy 1.x, can import and then fail to start
@@ -259,11 +271,18 @@ class LiteRtRuntime:
                 hint = "install ai-edge-litert, or tflite-runtime with numpy<2"
                 raise RuntimeUnavailable(f"{self.name} is not usable ({exc}): {hint}") from None
             self._interpreter_cls = mod.Interpreter
+            self._resolver_without_delegates = mod.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
         return self._interpreter_cls
 
 
 def default_runtime() -> InferenceRuntime:
-    """The runtime named by $FLEETBUS_RUNTIME, else LiteRT if installed, else tflite-runtime."""
+    """The runtime named by $FLEETBUS_RUNTIME, else LiteRT if installed, else tflite-runtime.
+
+    $FLEETBUS_XNNPACK=0 turns the XNNPACK delegate off (see the module docstring).
+    """
+    switch = os.environ.get(XNNPACK_ENV, "1").strip().lower()
+    if switch not in _SWITCH:
+        raise RuntimeUnavailable(f"{XNNPACK_ENV}={switch!r}: expected 1 or 0 (true/false, on/off)")
     forced = os.environ.get(RUNTIME_ENV, "").strip()
     if forced:
         if forced not in _BACKENDS:
@@ -274,7 +293,7 @@ def default_runtime() -> InferenceRuntime:
     for backend in candidates:
         # find_spec locates a top-level package without running it, so choosing costs no RSS.
         if importlib.util.find_spec(_BACKENDS[backend][0]) is not None:
-            return LiteRtRuntime(cast(Backend, backend))
+            return LiteRtRuntime(cast(Backend, backend), xnnpack=_SWITCH[switch])
     raise RuntimeUnavailable(
         f"no TFLite runtime installed (looked for {', '.join(candidates)}): "
         "pip install ai-edge-litert, or tflite-runtime on armv7l"

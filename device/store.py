@@ -10,8 +10,9 @@
       models/staging-SHA.bitmap   chunks held, in the wire bit order
 
 Durability rules:
-- A chunk's bytes reach the disk (fsync) before its bit is persisted, so a crash can lose bits but
-  never claim a chunk that was not written.  Bits only ever get set, so a torn bitmap write is a
+- A chunk's bytes reach the disk (fdatasync: the file is preallocated, so no metadata a read
+  needs changes) before its bit is persisted, so a crash can lose bits but never claim a chunk
+  that was not written.  Bits only ever get set, so a torn bitmap write is a
   mix of old and new bytes and still claims only written chunks.  On resume every claimed chunk is
   rehashed anyway, so even a disk that lies about fsync costs a refetch, never a bad model.
 - Swaps are temp file, fsync, rename, fsync of the directory.  ``previous`` is made as a hard link
@@ -93,7 +94,10 @@ class AgentState:
     target: ModelRef | None = None  # the model the rollout brings
     manifest_ts: float = 0.0
     started_at: float = 0.0  # wall clock when the rollout was accepted: its timeout runs from here
-    version_number: int = 0  # of the last State report; only grows
+    version_number: int = 0  # of the last step's State report; only grows
+    # Numbers below this one may have gone out on progress reports, which are not persisted one by
+    # one (a step is): a restarted agent repeats its last step under this number, then counts on.
+    version_reserved: int = 0
     resumes: int = 0  # restarts that found the rollout in `step`
     reason: str | None = None
     rolled_back: bool = False
@@ -119,7 +123,13 @@ class AgentState:
 
 @dataclass
 class Staging:
-    """A download in progress: the preallocated file, its bitmap, and chunks awaiting fsync."""
+    """A download in progress: the preallocated file, its bitmap, and chunks awaiting fsync.
+
+    It also hashes the file as it is written: chunks extend a running SHA-256 of the file's held
+    prefix (one arriving ahead of the prefix is read back when the gap before it fills), so the
+    whole-file check at the end costs nothing when the chunks came in order, instead of reading
+    the whole file again at the tail of every delivery.
+    """
 
     part: Path
     bitmap_path: Path
@@ -128,6 +138,8 @@ class Staging:
     _fd: int = -1
     _bitmap_fd: int = -1
     _pending: list[int] = field(default_factory=list)
+    _hasher: Any = field(default_factory=hashlib.sha256)
+    _hashed: int = 0  # chunks 0.._hashed-1 are in _hasher
 
     def open(self) -> None:
         self._fd = os.open(self.part, os.O_RDWR | os.O_CREAT, 0o644)
@@ -145,17 +157,41 @@ class Staging:
         os.pwrite(self._fd, data, self.book.offset_of(index))
         self.book.mark(index)
         self._pending.append(index)
+        if index == self._hashed:
+            self._hasher.update(data)
+            self._hashed += 1
+            self._extend_hash()
         if len(self._pending) >= self.fsync_every or self.book.complete:
             self.flush()
         return outcome
+
+    def _extend_hash(self) -> None:
+        # Chunks that arrived ahead of the prefix are on disk (in the page cache): read them back.
+        book = self.book
+        while self._hashed < book.count and book.has(self._hashed):
+            i = self._hashed
+            self._hasher.update(os.pread(self._fd, book.length_of(i), book.offset_of(i)))
+            self._hashed += 1
+
+    def digest(self) -> str:
+        """SHA-256 of the whole file; the prefix hashed while writing is not read again."""
+        hasher = self._hasher.copy()
+        offset = self._hashed * self.book.chunk_size
+        while offset < self.book.size:
+            block = os.pread(self._fd, min(_READ_BLOCK, self.book.size - offset), offset)
+            if not block:
+                break
+            hasher.update(block)
+            offset += len(block)
+        return str(hasher.hexdigest())
 
     def flush(self) -> None:
         """Make written chunks durable, then persist the bits that claim them."""
         if not self._pending:
             return
-        os.fsync(self._fd)
+        os.fdatasync(self._fd)
         os.pwrite(self._bitmap_fd, self.book.bitmap, 0)
-        os.fsync(self._bitmap_fd)
+        os.fdatasync(self._bitmap_fd)
         self._pending.clear()
 
     def close(self) -> None:
@@ -235,6 +271,7 @@ class Store:
         staging.open()
         if book.held:
             self._recheck(staging)
+            staging._extend_hash()  # the held prefix was written by an earlier process
         return staging
 
     def _recheck(self, staging: Staging) -> None:

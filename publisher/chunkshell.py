@@ -5,6 +5,10 @@ a lock; a sender thread, woken by every fetch, publishes what ``due()`` returns 
 as soon as ``next_due()`` says the round is ready (no fixed tick: a lone device is answered at once).
 Each chunk's SHA-256 is checked against the manifest as it is read, so a model file changed on disk
 after planning is never sent.
+
+Encoded chunk messages are kept (up to ``cache_bytes`` per shell), and ``serve()`` encodes a file's
+chunks up front: the first window then goes out at the broker's pace, not at the pace of reading,
+hashing and encoding each chunk between publishes, and a repair or rebroadcast costs no read.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from schemas.messages import Chunk, Fetch, Manifest
 log = structlog.get_logger("publisher.chunks")
 
 DEFAULT_TICK_S = 0.05
+DEFAULT_CACHE_BYTES = 64 * 1024 * 1024
 
 
 @dataclass
@@ -43,6 +48,7 @@ class _ServedFile:
     path: Path
     manifest: Manifest
     handle: BinaryIO
+    encoded: dict[int, bytes] = field(default_factory=dict)  # index -> encoded Chunk message
 
     def read(self, index: int) -> bytes:
         from publisher.plan import read_chunk
@@ -51,6 +57,14 @@ class _ServedFile:
         if hashlib.sha256(data).hexdigest() != self.manifest.chunk_sha256[index]:
             raise PlanError(f"{self.path} changed on disk: chunk {index} no longer matches the manifest")
         return data
+
+    def message(self, index: int) -> bytes:
+        """The encoded ``Chunk`` message for chunk ``index`` (read and checked, or cached)."""
+        payload = self.encoded.get(index)
+        if payload is None:
+            data = self.read(index)
+            payload = encode(Chunk(sha256=self.manifest.model_sha256, index=index, data=data))
+        return payload
 
 
 @dataclass
@@ -70,12 +84,16 @@ class ChunkShell:
     def __init__(
         self,
         bus: Bus,
+        *,
         tick_s: float = DEFAULT_TICK_S,
         quiet_s: float = DEFAULT_QUIET_S,
         hold_s: float = DEFAULT_HOLD_S,
         gather_s: float = DEFAULT_GATHER_S,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
     ) -> None:
         self.bus = bus
+        self.cache_bytes = cache_bytes
+        self._cached = 0
         self.tick_s = tick_s  # the longest the sender sleeps without a fetch waking it
         self.server = ChunkServer(quiet_s=quiet_s, hold_s=hold_s, gather_s=gather_s)
         self.counters = ShellCounters()
@@ -88,17 +106,39 @@ class ChunkShell:
     def serve(self, path: str | Path, manifest: Manifest) -> None:
         """Start answering fetches for ``manifest``'s file, read from ``path``."""
         handle = open(path, "rb")  # noqa: SIM115 - held open for the life of the shell, closed in stop()
+        served = _ServedFile(Path(path), manifest, handle)
+        warmed = self._warm(served, self.cache_bytes - self._cached)
         with self._lock:
+            self._cached += warmed
             old = self._files.pop(manifest.model_sha256, None)
-            self._files[manifest.model_sha256] = _ServedFile(Path(path), manifest, handle)
+            if old is not None:
+                self._cached -= sum(map(len, old.encoded.values()))
+            self._files[manifest.model_sha256] = served
             self.server.add_file(manifest.model_sha256, manifest.chunk_count)
         if old is not None:
             old.handle.close()
+
+    @staticmethod
+    def _warm(served: _ServedFile, room: int) -> int:
+        """Encode the file's chunks, in order, within ``room`` bytes; returns the bytes kept."""
+        kept = 0
+        for index in range(served.manifest.chunk_count):
+            if kept + served.manifest.chunk_size > room:
+                break
+            try:
+                payload = served.message(index)
+            except (PlanError, OSError, ValueError):
+                continue  # a bad chunk is counted and logged when it is due to be sent
+            served.encoded[index] = payload
+            kept += len(payload)
+        return kept
 
     def withdraw(self, sha256: str) -> None:
         with self._lock:
             served = self._files.pop(sha256, None)
             self.server.remove_file(sha256)
+            if served is not None:
+                self._cached -= sum(map(len, served.encoded.values()))
         if served is not None:
             served.handle.close()
 
@@ -120,6 +160,7 @@ class ChunkShell:
             for served in self._files.values():
                 served.handle.close()
             self._files.clear()
+            self._cached = 0
 
     def progress(self, sha256: str) -> dict[str, tuple[int, int]]:
         with self._lock:
@@ -181,18 +222,23 @@ class ChunkShell:
         if served is None:
             return False
         try:
-            data = served.read(send.index)
+            payload = served.message(send.index)
         except (PlanError, OSError, ValueError) as exc:
             self.counters.read_errors += 1
             log.error("chunk not sent", sha256=send.sha256[:12], index=send.index, error=str(exc))
             return False
-        message = Chunk(sha256=send.sha256, index=send.index, data=data)
         try:
-            self.bus.publish(send.topic, encode(message), qos=1)
+            self.bus.publish(send.topic, payload, qos=1)
         except BusError as exc:
             # The device's fetch timeout asks again; the chunk is not lost for good.
             self.counters.publish_errors += 1
             log.warning("chunk publish failed", topic=send.topic, error=str(exc))
             return False
-        self.counters.bytes_sent += len(data)
+        self.counters.bytes_sent += _chunk_length(served.manifest, send.index)
         return True
+
+
+def _chunk_length(manifest: Manifest, index: int) -> int:
+    if index == manifest.chunk_count - 1:
+        return manifest.size - manifest.chunk_size * (manifest.chunk_count - 1)
+    return manifest.chunk_size

@@ -28,7 +28,9 @@ from schemas.messages import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, GoldenCase, Manifes
 if TYPE_CHECKING:
     from device.runtime import InferenceRuntime
 
-DEFAULT_CHUNK_SIZE = 64 * 1024
+# 256 KiB: amqtt's cost is per message, so a quarter of the messages moved 16 MB to 10 agents in
+# 0.48 s instead of 0.84 s (bench/device.py); Mosquitto and the hardened broker take 1 MiB payloads.
+DEFAULT_CHUNK_SIZE = 256 * 1024
 _UNSAFE_ID_CHARS = re.compile(r"[^A-Za-z0-9._-]")  # no ":": it separates execution-id suffixes
 # Integer outputs from two runtimes may round a requantization tie differently: one step apart.
 _INT_ATOL = 1.0
@@ -80,7 +82,7 @@ def check_chunk_size(chunk_size: int) -> int:
     if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
         raise PlanError(
             f"chunk size {chunk_size} is outside {MIN_CHUNK_SIZE}..{MAX_CHUNK_SIZE} bytes; "
-            f"64 KiB ({DEFAULT_CHUNK_SIZE}) suits amqtt and Mosquitto alike"
+            f"the default, {DEFAULT_CHUNK_SIZE // 1024} KiB, suits amqtt and Mosquitto alike"
         )
     return chunk_size
 

@@ -61,9 +61,14 @@ def stock_amqtt(port: int | None = None, config: dict[str, Any] | None = None) -
 
 
 @contextlib.contextmanager
-def fleetbus_broker() -> Iterator[int]:
-    """fleetbus's hardened embedded broker, anonymous, in a thread on 127.0.0.1; yields its port."""
+def fleetbus_broker(port: int = 0) -> Iterator[int]:
+    """fleetbus's hardened embedded broker, anonymous, in a thread on 127.0.0.1; yields its port.
+
+    Tests of the device and the publisher run on it rather than on stock amqtt, whose CONNECT path
+    iterates its subscription dict while other clients subscribe ("dictionary changed size during
+    iteration" dropped a connection now and then; docs/broker-holes.md).
+    """
     from broker.server import BrokerSettings, run_in_thread
 
-    with run_in_thread(BrokerSettings(host="127.0.0.1", port=0, allow_anonymous=True)) as handle:
+    with run_in_thread(BrokerSettings(host="127.0.0.1", port=port, allow_anonymous=True)) as handle:
         yield handle.port

@@ -27,7 +27,7 @@ from schemas import topics
 from schemas.codec import decode, encode
 from schemas.messages import Chunk, Deploy, Fetch, GoldenCase, Manifest, Message, State, TensorSig
 from schemas.signing import generate_keypair, key_id, sign
-from tests.helpers import free_port, stock_amqtt
+from tests.helpers import fleetbus_broker, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -476,7 +476,7 @@ class Rig:
 
 @pytest.fixture
 def rig(tmp_path: Path, keys: Keys) -> Iterator[Rig]:
-    with stock_amqtt() as port:
+    with fleetbus_broker() as port:
         obs = Observer(port)
         srv = TinyChunkServer(port)
         r = Rig(port, tmp_path, keys, obs, srv)

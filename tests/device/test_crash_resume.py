@@ -18,7 +18,7 @@ from tests.device.conftest import (
     sha_file,
     staged_bits,
 )
-from tests.helpers import free_port, stock_amqtt
+from tests.helpers import fleetbus_broker, free_port
 
 V1 = ModelSpec(input_size=4, output_size=3, seed=1)
 V2 = ModelSpec(input_size=4, output_size=3, seed=2, bias_add=0.5, pad_to=40_000)
@@ -69,7 +69,7 @@ def test_kill_at_every_step_then_restart_converges(rig: Rig, crash_at: str, down
     assert counters.get("chunks_received", 0) == missing, (held, counters)
     assert counters.get("chunks_stored", 0) == missing
     rig.observer.wait(lambda: rig.observer.results_for("dev-k", "2.0", mark), 10, "v2 results")
-    # Version numbers never go back, even across the kill (the last report is repeated, not renumbered).
+    # Version numbers never go back, even across the kill (the last step is repeated above the reserve).
     numbers = [s.version_number for s in rig.observer.of("dev-k", "state")]
     assert numbers == sorted(numbers)
 
@@ -101,7 +101,7 @@ def test_broker_restart_mid_download_resumes_without_refetching(tmp_path: Path, 
     port = free_port()
     model2 = build_model(V2)
     m2 = make_manifest(model2, "2.0", spec=V2)
-    with stock_amqtt(port):
+    with fleetbus_broker(port):
         rig = Rig(port, tmp_path, keys, Observer(port), TinyChunkServer(port))
         agent = rig.agent("dev-b")
         seed_active(agent.state_dir, build_model(V1), "1.0")
@@ -114,7 +114,7 @@ def test_broker_restart_mid_download_resumes_without_refetching(tmp_path: Path, 
         # The broker is gone (no persistence: retained deploys and sessions are lost with it).
         held = staged_bits(agent.state_dir, m2.model_sha256)
         assert 4 <= held < m2.chunk_count
-        with stock_amqtt(port):
+        with fleetbus_broker(port):
             mark = rig.observer.mark()
             rig.chunks.budget = None
             rig.observer.wait_state("dev-b", "SUCCEEDED", m2.rollout_id, timeout=40, since=mark)

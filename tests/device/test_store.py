@@ -132,3 +132,39 @@ def test_discard_staging_removes_part_and_bitmap(tmp_path: Path) -> None:
     store.active.write_bytes(b"keep")
     store.discard_staging(SHA)
     assert [p.name for p in store.models.iterdir()] == ["active.tflite"]
+
+
+@pytest.mark.parametrize("order", [(0, 1, 2, 3, 4, 5), (5, 2, 0, 4, 1, 3), (1, 0, 3, 2)])
+def test_the_file_hash_kept_while_writing_matches_the_file(tmp_path: Path, order: tuple[int, ...]) -> None:
+    """The running whole-file SHA-256 equals the file's, in or out of order, complete or not."""
+    st = Store(tmp_path).open_staging(SHA, len(DATA), CS, HASHES)
+    for i in order:
+        st.write(i, chunk(i))
+        assert st.digest() == hashlib.sha256(st.part.read_bytes()).hexdigest()
+    if st.book.complete:
+        assert st.digest() == SHA
+    st.close()
+
+
+def test_a_resumed_download_hashes_the_prefix_an_earlier_process_wrote(tmp_path: Path) -> None:
+    """After a restart the held prefix is read back once, so the final hash still covers every byte."""
+    store = Store(tmp_path)
+    st = store.open_staging(SHA, len(DATA), CS, HASHES)
+    for i in (0, 1, 3):
+        st.write(i, chunk(i))
+    st.flush()
+    st.close()
+    again = store.open_staging(SHA, len(DATA), CS, HASHES)
+    for i in (2, 4, 5):
+        again.write(i, chunk(i))
+    assert again.book.complete
+    assert again.digest() == SHA
+    again.close()
+
+
+def test_state_without_a_reserve_loads_with_none(tmp_path: Path) -> None:
+    """A state.json written before version numbers were reserved loads with a reserve of 0."""
+    store = Store(tmp_path)
+    store.state_file.write_text('{"step": "IDLE", "version_number": 7}')
+    state = store.load_state()
+    assert (state.version_number, state.version_reserved) == (7, 0)

@@ -15,13 +15,13 @@ from publisher.plan import PlanOptions, build_manifest
 from schemas import topics
 from schemas.codec import decode_as, encode
 from schemas.messages import Chunk, Fetch, Manifest
-from tests.helpers import stock_amqtt
+from tests.helpers import fleetbus_broker
 from tests.publisher.live import raw_clients, wait_until
 
 
 @pytest.fixture(scope="module")
 def broker_port() -> Iterator[int]:
-    with stock_amqtt() as port:
+    with fleetbus_broker() as port:
         yield port
 
 
@@ -169,3 +169,55 @@ def test_sender_thread_answers_a_fetch_without_a_tick(tmp_path: Path, broker_por
                 )
         finally:
             shell.stop()
+
+
+@pytest.mark.parametrize("cache_kib", [0, 2, 64])
+def test_chunks_encoded_up_front_are_the_planned_bytes_within_the_cache_budget(
+    tmp_path: Path, broker_port: int, cache_kib: int
+) -> None:
+    """Cached chunks stay within the budget; whether cached or read, each goes out as planned."""
+    path = tmp_path / "m.tflite"
+    write_model(path, ModelSpec(pad_to=6000))
+    m = build_manifest(path, "1", options=PlanOptions(chunk_size=1024))
+    with Bus(BrokerAddress(port=broker_port)) as bus:
+        shell = ChunkShell(bus, cache_bytes=cache_kib * 1024)
+        shell.start(ticker=False)
+        shell.serve(path, m)
+        assert shell._cached <= cache_kib * 1024
+        with raw_clients(broker_port, 1) as (dev,):
+            dev.subscribe(topics.blob_filter(m.model_sha256))
+            dev.publish(topics.device_stream("d", topics.DeviceStream.FETCH), empty_fetch("d", m, window=64))
+            wait_until(lambda: shell.server.pending == 1, what="fetch queued")
+            assert shell.tick() == m.chunk_count
+            dev.wait_for(lambda got: len(got) == m.chunk_count)
+            got = list(dev.received)
+        shell.stop()
+    chunks = sorted((decode_as(p, Chunk) for _, p, _ in got), key=lambda c: c.index)
+    assert b"".join(c.data for c in chunks) == path.read_bytes()
+    assert shell._cached == 0  # stop() let go of the cache
+
+
+def test_a_file_changed_after_serving_starts_still_sends_the_planned_bytes(
+    tmp_path: Path, broker_port: int
+) -> None:
+    """Chunks encoded when serving started are the manifest's bytes, whatever the file becomes later."""
+    path = tmp_path / "m.tflite"
+    write_model(path, ModelSpec(pad_to=3000))
+    m = build_manifest(path, "1", options=PlanOptions(chunk_size=1024))
+    planned = path.read_bytes()
+    with Bus(BrokerAddress(port=broker_port)) as bus:
+        shell = ChunkShell(bus)
+        shell.start(ticker=False)
+        shell.serve(path, m)
+        path.write_bytes(b"\xff" * m.size)
+        with raw_clients(broker_port, 1) as (dev,):
+            dev.subscribe(topics.blob_filter(m.model_sha256))
+            dev.publish(topics.device_stream("d", topics.DeviceStream.FETCH), empty_fetch("d", m, window=8))
+            wait_until(lambda: shell.server.pending == 1, what="fetch queued")
+            assert shell.tick() == m.chunk_count
+            dev.wait_for(lambda got: len(got) == m.chunk_count)
+            got = list(dev.received)
+        shell.stop()
+    chunks = sorted((decode_as(p, Chunk) for _, p, _ in got), key=lambda c: c.index)
+    assert b"".join(c.data for c in chunks) == planned
+    assert shell.counters.read_errors == 0

@@ -17,7 +17,7 @@ from schemas import topics
 from schemas.cli import cli
 from schemas.codec import encode
 from schemas.messages import Birth, Health
-from tests.helpers import stock_amqtt
+from tests.helpers import fleetbus_broker
 from tests.publisher.live import RawClient, wait_until
 
 FLEETBUS = [sys.executable, "-m", "schemas.cli"]
@@ -93,7 +93,7 @@ def test_operator_config_supplies_broker_and_key(tmp_path: Path) -> None:
 
 def test_tail_decodes_telemetry_as_json_lines() -> None:
     """`tail -n 2` prints two decoded messages as JSON lines and exits."""
-    with stock_amqtt() as port:
+    with fleetbus_broker() as port:
         proc = subprocess.Popen(
             [*FLEETBUS, "tail", "--broker", f"127.0.0.1:{port}", "-n", "2", "--timeout", "30"],
             stdout=subprocess.PIPE,
@@ -125,7 +125,7 @@ def test_tail_decodes_telemetry_as_json_lines() -> None:
 
 def test_serve_prints_the_table_on_sigusr1_and_stops_on_sigterm(tmp_path: Path) -> None:
     """`fleetbus serve` folds a birth, prints the fleet table on SIGUSR1 and exits 0 on SIGTERM."""
-    with stock_amqtt() as port:
+    with fleetbus_broker() as port:
         out_path = tmp_path / "serve.out"
         with open(out_path, "w") as out:
             proc = subprocess.Popen(

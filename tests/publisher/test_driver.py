@@ -28,7 +28,7 @@ from schemas import topics
 from schemas.codec import decode_as, encode
 from schemas.messages import Birth, Cancel, Deploy, ExecStatus, Manifest, RolloutControl, State
 from schemas.signing import SignatureError, load_private_key, pin_keys, write_keypair
-from tests.helpers import stock_amqtt
+from tests.helpers import fleetbus_broker
 from tests.publisher.live import RawClient, wait_until
 
 DEVICES = ("d1", "d2")
@@ -93,7 +93,7 @@ def rig(tmp_path: Path) -> Iterator[Rig]:
     private, _ = write_keypair(tmp_path / "keys")
     model = tmp_path / "m.tflite"
     write_model(model, ModelSpec(seed=5))
-    with stock_amqtt() as port:
+    with fleetbus_broker() as port:
         device = RawClient(port)
         device.subscribe(topics.PREFIX + "/desired/dev/+", topics.PREFIX + "/cmd/dev/+")
         for d in DEVICES:

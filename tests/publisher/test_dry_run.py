@@ -13,7 +13,7 @@ from schemas import topics
 from schemas.cli import cli
 from schemas.codec import encode
 from schemas.messages import Birth, Death
-from tests.helpers import stock_amqtt
+from tests.helpers import fleetbus_broker
 from tests.publisher.live import RawClient
 
 
@@ -51,7 +51,7 @@ def test_dry_run_plans_waves_and_skips_incompatible_devices(tmp_path: Path) -> N
         'seed = "s1"\n[model]\npath = "m.tflite"\nversion = "2.0.0"\n[targets]\ngroups = ["lab"]\n'
         "[[waves]]\npercent = 50\n[[waves]]\npercent = 100\n"
     )
-    with stock_amqtt() as port:
+    with fleetbus_broker() as port:
         dev = RawClient(port)
         for d in ("p1", "p2", "p3", "p4"):
             dev.publish(topics.device_stream(d, topics.DeviceStream.BIRTH), encode(birth(d)), retain=True)

@@ -12,6 +12,7 @@ from device.runtime import default_runtime
 from publisher.errors import PlanError
 from publisher.modelgen import ModelSpec, build_broken, reference_output, write_model
 from publisher.plan import (
+    DEFAULT_CHUNK_SIZE,
     PlanOptions,
     build_manifest,
     chunk_span,
@@ -39,7 +40,7 @@ def test_manifest_hashes_match_the_file(small_model: Path) -> None:
     assert m.model_sha256 == hashlib.sha256(data).hexdigest()
     assert m.size == len(data)
     assert m.chunk_sha256 == [hashlib.sha256(data).hexdigest()]
-    assert m.chunk_size == 64 * 1024
+    assert m.chunk_size == DEFAULT_CHUNK_SIZE == 256 * 1024
 
 
 def test_padded_multi_megabyte_model_is_cut_into_exact_chunks(tmp_path: Path) -> None:

@@ -16,12 +16,13 @@ from publisher.bus import BrokerAddress
 from publisher.client import Publisher, RolloutResult
 from publisher.fleet import Fleet
 from publisher.modelgen import ModelSpec, build_broken, write_model
+from publisher.plan import PlanOptions
 from publisher.progress import Targets
 from schemas import topics
 from schemas.codec import decode
 from schemas.messages import ExecStatus
 from schemas.signing import write_keypair
-from tests.helpers import stock_amqtt
+from tests.helpers import fleetbus_broker
 from tests.publisher.live import RawClient, agent_processes, wait_until
 
 DEVICES = ["e2e-1", "e2e-2", "e2e-3"]
@@ -31,7 +32,10 @@ DEVICES = ["e2e-1", "e2e-2", "e2e-3"]
 def rig(tmp_path: Path) -> Iterator[tuple[int, Path, dict[str, Path], RawClient]]:
     """A broker, a signing key, three agents in group `lab`, and a raw observer of device streams."""
     private, public = write_keypair(tmp_path / "keys")
-    with stock_amqtt() as port, agent_processes(tmp_path, port, public.read_text().strip(), DEVICES) as homes:
+    with (
+        fleetbus_broker() as port,
+        agent_processes(tmp_path, port, public.read_text().strip(), DEVICES) as homes,
+    ):
         observer = RawClient(port)
         observer.subscribe(topics.device_stream_filter())
         try:
@@ -56,7 +60,9 @@ def test_push_commits_the_model_on_every_agent(
     model = tmp_path / "m.tflite"
     write_model(model, ModelSpec(input_size=8, output_size=4, seed=5, bias_add=0.25, pad_to=1_000_000))
     with Publisher(BrokerAddress(port=port), key) as pub:
-        result = pub.push(model, "2.0.0", Targets(groups=("lab",)), timeout=60)
+        # 64 KiB chunks (not the 256 KiB default): 16 of them make the fan-out count below telling.
+        options = PlanOptions(chunk_size=64 * 1024)
+        result = pub.push(model, "2.0.0", Targets(groups=("lab",)), options, timeout=60)
     assert result.ok, result.as_dict()
     assert sorted(result.outcomes) == DEVICES
     m = result.manifest
@@ -130,7 +136,7 @@ def test_device_offline_at_publish_gets_the_rollout_when_it_starts(tmp_path: Pat
     private, public = write_keypair(tmp_path / "keys")
     model = tmp_path / "m.tflite"
     write_model(model, ModelSpec(seed=9, pad_to=200_000))
-    with stock_amqtt() as port:
+    with fleetbus_broker() as port:
         results: list[object] = []
 
         def push() -> None:

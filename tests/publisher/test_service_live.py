@@ -15,7 +15,7 @@ from publisher.store import SqliteStore
 from schemas import topics
 from schemas.codec import decode_as, encode
 from schemas.messages import Aggregate, Birth, Death, ExecStatus, Health, Results, State
-from tests.helpers import stock_amqtt
+from tests.helpers import fleetbus_broker
 from tests.publisher.live import raw_clients, wait_until
 
 S = topics.DeviceStream
@@ -23,7 +23,7 @@ S = topics.DeviceStream
 
 @pytest.fixture(scope="module")
 def broker_port() -> Iterator[int]:
-    with stock_amqtt() as port:
+    with fleetbus_broker() as port:
         yield port
 
 
