@@ -127,16 +127,17 @@ class Fleet:
     def apply(self, message: Message, now: float) -> bool:
         """Fold one device message in; True when a device's view changed."""
         self.counters["messages"] += 1
+        # The steady stream first: health and results are nearly every message a fleet sends.
+        if isinstance(message, Health):
+            return self._health(message, now)
+        if isinstance(message, Results):
+            return self._results(message, now)
         if isinstance(message, Birth):
             return self._birth(message, now)
         if isinstance(message, Death):
             return self._death(message, now)
         if isinstance(message, State):
             return self._state(message, now)
-        if isinstance(message, Health):
-            return self._health(message, now)
-        if isinstance(message, Results):
-            return self._results(message, now)
         if isinstance(message, Shadow):
             view = self.device(message.device_id, now)
             view.shadow_samples, view.shadow_agreed = message.samples, message.agreed

@@ -20,6 +20,10 @@ DEFAULT_MAX_BYTES = 1024 * 1024
 
 M = TypeVar("M", bound=BaseModel)
 
+# The adapter's core validator, called directly: TypeAdapter.validate_python's Python wrapper was
+# 0.3 us of the aggregator's ~5 us per message (bench/ingest.py), the same validation either way.
+_validate = MESSAGE_ADAPTER.validator.validate_python
+
 
 def encode(message: BaseModel) -> bytes:
     """Serialise a message to msgpack bytes."""
@@ -64,7 +68,8 @@ def _from_raw(raw: Any) -> Message:
             f"({SCHEMA_VERSION}); upgrade fleetbus on this side"
         )
     try:
-        return MESSAGE_ADAPTER.validate_python(raw)
+        message: Message = _validate(raw)
+        return message
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc'][1:]) or '<root>'}: {err['msg']}"
