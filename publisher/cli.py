@@ -404,11 +404,13 @@ def _follow(address: BrokerAddress, rollout_id: str, *, as_json: bool, timeout: 
 
     deadline = time.monotonic() + timeout
     status = None
-    with Bus(address) as bus:
-        watch = StatusWatch(bus, rollout_id).start()
-        bars = None if as_json else WaveBars()
-        seen = 0
-        try:
+    bars = None if as_json else WaveBars()
+    # Ctrl-C detaches wherever it lands, also while the bus is still (re)connecting: the rollout
+    # is already in serve's hands, so this is never an abort.
+    try:
+        with Bus(address) as bus:
+            watch = StatusWatch(bus, rollout_id).start()
+            seen = 0
             if bars is not None:
                 bars.progress.start()
             while True:
@@ -421,18 +423,18 @@ def _follow(address: BrokerAddress, rollout_id: str, *, as_json: bool, timeout: 
                 if left <= 0:
                     break
                 seen = watch.wait_change(seen, min(left, 0.5))
-        except KeyboardInterrupt:
-            if bars is not None:
-                bars.progress.stop()
-            click.echo(
-                f"detached: rollout {rollout_id} keeps running in fleetbus serve; "
-                f"`fleetbus rollout status {rollout_id}` shows it",
-                err=True,
-            )
-            return 130
-        finally:
-            if bars is not None:
-                bars.progress.stop()
+    except KeyboardInterrupt:
+        if bars is not None:
+            bars.progress.stop()
+        click.echo(
+            f"detached: rollout {rollout_id} keeps running in fleetbus serve; "
+            f"`fleetbus rollout status {rollout_id}` shows it",
+            err=True,
+        )
+        return 130
+    finally:
+        if bars is not None:
+            bars.progress.stop()
     if as_json:
         click.echo(json.dumps(rollout_json(status) if status else {"rollout_id": rollout_id}, indent=2))
     if status is None or status.state not in FINAL_STATES:
