@@ -114,6 +114,15 @@ class LatencyStats:
         with self._lock:
             self.errors += 1
 
+    def new_window(self) -> None:
+        """Forget the recent latencies (a new model took over); the counts keep going."""
+        self._recent.clear()
+
+    @property
+    def samples(self) -> int:
+        """Latencies p50 and p95 are taken over."""
+        return len(self._recent)
+
     def p50_p95(self) -> tuple[float | None, float | None]:
         recent = list(self._recent)
         return percentile(recent, 50), percentile(recent, 95)

@@ -169,6 +169,9 @@ class InferenceLoop:
         self._model, self._version = nxt
         if old is not None and old is not self._model:
             old.close()
+        # Health's p50/p95 are then the new model's alone (health names the version they belong to);
+        # a window mixing both would blur the KPI gate's comparison with the previous model.
+        self.stats.new_window()
 
     def step(self, timeout: float = 0.1) -> bool:
         """One inference, if a model and an input are there; True when it ran or failed."""

@@ -118,3 +118,23 @@ def test_health_readings() -> None:
         stats.add(ms)
     assert stats.p50_p95() == (3.0, 100.0)
     assert stats.count == 4
+
+
+def test_a_swap_starts_a_new_latency_window(tmp_path: Path) -> None:
+    """After a model swap, p50/p95 cover only the new model's inferences; the counts keep going."""
+    rt = default_runtime()
+    path = tmp_path / "m.tflite"
+    path.write_bytes(build_model(ModelSpec(seed=3)))
+    loop = InferenceLoop(
+        SyntheticSource(seed=1), lambda b: None, interval_s=0, batch_max=100, batch_interval_s=60
+    )
+    loop.swap(rt.load(path), "1")
+    for _ in range(20):
+        assert loop.step(0)
+    assert loop.stats.samples == 20
+    loop.swap(rt.load(path), "2")
+    for _ in range(5):
+        assert loop.step(0)
+    assert loop.stats.samples == 5
+    assert loop.stats.count == 25
+    loop.stop()
