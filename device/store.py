@@ -32,6 +32,7 @@ import json
 import os
 import shutil
 import signal
+import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -237,12 +238,18 @@ class Store:
         atomic_write(self.state_file, state.to_json())
 
     def next_bdseq(self) -> int:
-        """Bump and persist the birth/death sequence; called before every connect."""
+        """Bump and persist the birth/death sequence; called before every connect.
+
+        Without a sequence on disk (a first boot, or a state directory wiped by a re-flash) it starts
+        at the wall clock in milliseconds, not at 0: the fleet remembers the last bdseq it saw from
+        this device id and takes a lower one for an older session (Sparkplug's rule), so a wiped
+        device starting at 0 would stay "offline" until it had reconnected as often as before.
+        """
         try:
             current = int(self.bdseq_file.read_text().strip() or "0")
         except (FileNotFoundError, ValueError):
-            current = -1
-        nxt = current + 1
+            current = int(time.time() * 1000) - 1
+        nxt = max(current + 1, 0)
         atomic_write(self.bdseq_file, f"{nxt}\n".encode())
         return nxt
 

@@ -6,6 +6,7 @@ import hashlib
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -112,7 +113,8 @@ def test_state_round_trips_and_bdseq_grows(tmp_path: Path) -> None:
     )
     store.save_state(s)
     assert Store(tmp_path).load_state() == s
-    assert [store.next_bdseq() for _ in range(3)] == [0, 1, 2]
+    first = store.next_bdseq()
+    assert [store.next_bdseq() for _ in range(2)] == [first + 1, first + 2]
     assert with_step(with_step(s, Step.DOWNLOADING, resumes=2), Step.VERIFYING).resumes == 0
 
 
@@ -168,3 +170,14 @@ def test_state_without_a_reserve_loads_with_none(tmp_path: Path) -> None:
     store.state_file.write_text('{"step": "IDLE", "version_number": 7}')
     state = store.load_state()
     assert (state.version_number, state.version_reserved) == (7, 0)
+
+
+def test_bdseq_grows_and_a_wiped_state_dir_does_not_restart_it_below_the_old_one(tmp_path: Path) -> None:
+    """Each connect bumps bdseq by one; after the state directory is wiped it starts above where it was."""
+    store = Store(tmp_path / "a")
+    first = store.next_bdseq()
+    assert store.next_bdseq() == first + 1
+    assert Store(tmp_path / "a").next_bdseq() == first + 2  # survives a restart
+    time.sleep(0.01)  # the re-flash happens later than the last connect
+    store.bdseq_file.unlink()  # and wipes the state directory
+    assert Store(tmp_path / "a").next_bdseq() > first + 2
