@@ -171,6 +171,19 @@ def test_sender_thread_answers_a_fetch_without_a_tick(tmp_path: Path, broker_por
             shell.stop()
 
 
+def _fetch_everything(port: int, shell: ChunkShell, m: Manifest) -> list[Chunk]:
+    """One raw device fetches the whole file in one window; the chunks it got, in index order."""
+    with raw_clients(port, 1) as (dev,):
+        dev.subscribe(topics.blob_filter(m.model_sha256))
+        window = m.chunk_count
+        dev.publish(topics.device_stream("d", topics.DeviceStream.FETCH), empty_fetch("d", m, window=window))
+        wait_until(lambda: shell.server.pending == 1, what="fetch queued")
+        assert shell.tick() == m.chunk_count
+        dev.wait_for(lambda got: len(got) == m.chunk_count)
+        got = list(dev.received)
+    return sorted((decode_as(p, Chunk) for _, p, _ in got), key=lambda c: c.index)
+
+
 @pytest.mark.parametrize("cache_kib", [0, 2, 64])
 def test_chunks_encoded_up_front_are_the_planned_bytes_within_the_cache_budget(
     tmp_path: Path, broker_port: int, cache_kib: int
@@ -184,15 +197,8 @@ def test_chunks_encoded_up_front_are_the_planned_bytes_within_the_cache_budget(
         shell.start(ticker=False)
         shell.serve(path, m)
         assert shell._cached <= cache_kib * 1024
-        with raw_clients(broker_port, 1) as (dev,):
-            dev.subscribe(topics.blob_filter(m.model_sha256))
-            dev.publish(topics.device_stream("d", topics.DeviceStream.FETCH), empty_fetch("d", m, window=64))
-            wait_until(lambda: shell.server.pending == 1, what="fetch queued")
-            assert shell.tick() == m.chunk_count
-            dev.wait_for(lambda got: len(got) == m.chunk_count)
-            got = list(dev.received)
+        chunks = _fetch_everything(broker_port, shell, m)
         shell.stop()
-    chunks = sorted((decode_as(p, Chunk) for _, p, _ in got), key=lambda c: c.index)
     assert b"".join(c.data for c in chunks) == path.read_bytes()
     assert shell._cached == 0  # stop() let go of the cache
 
@@ -210,14 +216,7 @@ def test_a_file_changed_after_serving_starts_still_sends_the_planned_bytes(
         shell.start(ticker=False)
         shell.serve(path, m)
         path.write_bytes(b"\xff" * m.size)
-        with raw_clients(broker_port, 1) as (dev,):
-            dev.subscribe(topics.blob_filter(m.model_sha256))
-            dev.publish(topics.device_stream("d", topics.DeviceStream.FETCH), empty_fetch("d", m, window=8))
-            wait_until(lambda: shell.server.pending == 1, what="fetch queued")
-            assert shell.tick() == m.chunk_count
-            dev.wait_for(lambda got: len(got) == m.chunk_count)
-            got = list(dev.received)
+        chunks = _fetch_everything(broker_port, shell, m)
         shell.stop()
-    chunks = sorted((decode_as(p, Chunk) for _, p, _ in got), key=lambda c: c.index)
     assert b"".join(c.data for c in chunks) == planned
     assert shell.counters.read_errors == 0
