@@ -241,7 +241,7 @@ class Tracer:
         self.client.connect("127.0.0.1", port, keepalive=120)
         self.client.subscribe(
             [
-                (f"{topics.PREFIX}/desired/dev/+", 0),
+                (topics.device_desired_filter(), 0),
                 (topics.device_stream_filter(topics.DeviceStream.FETCH), 0),
                 (topics.device_stream_filter(topics.DeviceStream.STATE), 0),
             ]
@@ -260,7 +260,7 @@ class Tracer:
         except Exception as exc:  # a trace must not stop on one odd payload
             row["error"] = str(exc)
             body = None
-        if "/desired/" in msg.topic:
+        if parsed.kind == "desired_dev":
             row["what"] = "deploy"
             row["retained"] = bool(msg.retain)
         elif msg.topic.endswith("/fetch"):

@@ -97,6 +97,11 @@ def device_desired(device: str) -> str:
     return f"{PREFIX}/desired/dev/{validate_id(device)}"
 
 
+def device_desired_filter() -> str:
+    """Every device's retained deploy (an observer's subscription; a device subscribes to its own)."""
+    return f"{PREFIX}/desired/dev/+"
+
+
 def group_desired(group: str) -> str:
     return f"{PREFIX}/desired/grp/{validate_id(group, 'group')}"
 

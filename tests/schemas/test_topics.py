@@ -113,3 +113,10 @@ def test_shared_subscription_filter() -> None:
     assert topics.shared("agg", "fleetbus/v1/dev/+/health") == "$share/agg/fleetbus/v1/dev/+/health"
     with pytest.raises(TopicError):
         topics.shared("a/b", "x")
+
+
+def test_device_desired_filter_matches_every_device_deploy_and_no_group_one() -> None:
+    """device_desired_filter() matches each device's desired topic, not a group's."""
+    flt = topics.device_desired_filter()
+    assert topics.matches(flt, topics.device_desired("cam-01"))
+    assert not topics.matches(flt, topics.group_desired("cam-01"))
