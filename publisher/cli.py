@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import signal
 import sys
@@ -12,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,30 +26,49 @@ from publisher.plan import DEFAULT_CHUNK_SIZE, PlanOptions
 from publisher.progress import RolloutProgress, Targets
 
 
-def _address(
-    *,
-    broker: str | None,
-    username: str | None,
-    password: str | None,
-    config: Path | None,
-    tls: bool = False,
-    cafile: str | None = None,
-) -> tuple[BrokerAddress, Path | None]:
-    """Combine --config with command-line overrides."""
-    base, key = BrokerAddress(), None
-    if config is not None:
-        loaded = load_operator_config(config)
-        base, key = loaded.address, loaded.key
-    address = BrokerAddress.parse(broker, tls=tls or base.tls) if broker else base
-    return replace(
-        address,
-        username=username if username is not None else base.username,
-        password=password if password is not None else base.password,
-        ca_file=cafile or base.ca_file,
-    ), key
+@dataclass(frozen=True)
+class Connection:
+    """The broker options every bus command takes (``_connection_options``), combined on demand."""
+
+    broker: str | None
+    username: str | None
+    password: str | None
+    tls: bool
+    cafile: str | None
+    config: Path | None
+
+    def resolve(self) -> tuple[BrokerAddress, Path | None]:
+        """The broker address (--config, with command-line overrides) and --config's signing key."""
+        base, key = BrokerAddress(), None
+        if self.config is not None:
+            loaded = load_operator_config(self.config)
+            base, key = loaded.address, loaded.key
+        address = BrokerAddress.parse(self.broker, tls=self.tls or base.tls) if self.broker else base
+        return replace(
+            address,
+            username=self.username if self.username is not None else base.username,
+            password=self.password if self.password is not None else base.password,
+            ca_file=self.cafile or base.ca_file,
+        ), key
 
 
 def _connection_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Add the broker options; the command receives them as one ``connection: Connection``."""
+
+    @functools.wraps(func)
+    def command(
+        *args: Any,
+        broker: str | None,
+        username: str | None,
+        password: str | None,
+        tls: bool,
+        cafile: str | None,
+        config: Path | None,
+        **kwargs: Any,
+    ) -> Any:
+        return func(*args, connection=Connection(broker, username, password, tls, cafile, config), **kwargs)
+
+    wrapped: Callable[..., Any] = command
     for option in reversed(
         [
             click.option(
@@ -66,8 +86,8 @@ def _connection_options(func: Callable[..., Any]) -> Callable[..., Any]:
             ),
         ]
     ):
-        func = option(func)
-    return func
+        wrapped = option(wrapped)
+    return wrapped
 
 
 @contextmanager
@@ -182,12 +202,7 @@ def push(
     to: tuple[str, ...],
     group: tuple[str, ...],
     key: Path | None,
-    broker: str | None,
-    username: str | None,
-    password: str | None,
-    tls: bool,
-    cafile: str | None,
-    config: Path | None,
+    connection: Connection,
     timeout: float,
     chunk_size: int,
     golden: int,
@@ -216,14 +231,12 @@ def push(
 
     if model.suffix.lower() in _DOCUMENT_SUFFIXES:
         with _errors():
-            address, config_key = _address(
-                broker=broker, username=username, password=password, config=config, tls=tls, cafile=cafile
-            )
+            address, config_key = connection.resolve()
             code = _push_document(
                 model,
                 address,
                 key or config_key,
-                _server(server, token, config) if not dry_run else None,
+                _server(server, token, connection.config) if not dry_run else None,
                 as_json=as_json,
                 dry_run=dry_run,
                 follow=not no_follow,
@@ -235,9 +248,7 @@ def push(
     if not version:
         raise click.UsageError("a model needs --version V")
     with _errors():
-        address, config_key = _address(
-            broker=broker, username=username, password=password, config=config, tls=tls, cafile=cafile
-        )
+        address, config_key = connection.resolve()
         try:
             targets = Targets.parse(to, group)
         except ValueError as exc:
@@ -470,12 +481,7 @@ def _watch_statuses(address: BrokerAddress, rollout_id: str | None, wait: float)
 def status_command(
     *,
     rollout_id: str,
-    broker: str | None,
-    username: str | None,
-    password: str | None,
-    tls: bool,
-    cafile: str | None,
-    config: Path | None,
+    connection: Connection,
     wait: float,
     as_json: bool,
 ) -> None:
@@ -486,9 +492,7 @@ def status_command(
     from publisher.follow import status_table
 
     with _errors():
-        address, _ = _address(
-            broker=broker, username=username, password=password, config=config, tls=tls, cafile=cafile
-        )
+        address, _ = connection.resolve()
         found = _watch_statuses(address, rollout_id, wait)
     if not found:
         raise click.ClickException(f"no status for rollout {rollout_id!r} (is `fleetbus serve` driving it?)")
@@ -504,12 +508,7 @@ def status_command(
 @click.option("--json", "as_json", is_flag=True, help="Print the rollouts as a JSON list.")
 def list_command(
     *,
-    broker: str | None,
-    username: str | None,
-    password: str | None,
-    tls: bool,
-    cafile: str | None,
-    config: Path | None,
+    connection: Connection,
     wait: float,
     as_json: bool,
 ) -> None:
@@ -517,9 +516,7 @@ def list_command(
     from publisher.fleetview import rollout_json
 
     with _errors():
-        address, _ = _address(
-            broker=broker, username=username, password=password, config=config, tls=tls, cafile=cafile
-        )
+        address, _ = connection.resolve()
         found = _watch_statuses(address, None, wait)
     if as_json:
         click.echo(json.dumps([rollout_json(s) for s in found], indent=2))
@@ -551,21 +548,14 @@ def _control_command(action: str) -> Callable[..., None]:
         by: str | None,
         server: str | None,
         token: str | None,
-        broker: str | None,
-        username: str | None,
-        password: str | None,
-        tls: bool,
-        cafile: str | None,
-        config: Path | None,
+        connection: Connection,
         wait: float,
         as_json: bool,
     ) -> None:
         from publisher.fleetview import rollout_json
 
         with _errors():
-            address, _ = _address(
-                broker=broker, username=username, password=password, config=config, tls=tls, cafile=cafile
-            )
+            address, _ = connection.resolve()
             if server is not None:
                 from publisher.http import post_control
 
@@ -664,12 +654,7 @@ for _action in ("pause", "resume", "cancel"):
 )
 def serve(
     *,
-    broker: str | None,
-    username: str | None,
-    password: str | None,
-    tls: bool,
-    cafile: str | None,
-    config: Path | None,
+    connection: Connection,
     db: Path,
     flush_every: float,
     aggregate_every: float,
@@ -696,9 +681,7 @@ def serve(
     log = structlog.get_logger("publisher.serve")
     driver: RolloutDriver | None = None
     with _errors():
-        address, config_key = _address(
-            broker=broker, username=username, password=password, config=config, tls=tls, cafile=cafile
-        )
+        address, config_key = connection.resolve()
         store = SqliteStore(db)
         bus = Bus(address, client_id=client_id or None)
         options = ServeOptions(
@@ -749,12 +732,7 @@ def serve(
 def tail(
     *,
     topic_filter: str | None,
-    broker: str | None,
-    username: str | None,
-    password: str | None,
-    tls: bool,
-    cafile: str | None,
-    config: Path | None,
+    connection: Connection,
     as_json: bool,
     as_table: bool,
     count: int,
@@ -793,9 +771,7 @@ def tail(
                 done.set()
 
     with _errors():
-        address, _ = _address(
-            broker=broker, username=username, password=password, config=config, tls=tls, cafile=cafile
-        )
+        address, _ = connection.resolve()
         bus = Bus(address)
         for f in filters:
             bus.on(f, show)
