@@ -24,7 +24,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import statistics
 import struct
 import subprocess
@@ -40,7 +39,7 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from broker.testing import connect_packet, publish_packet, subscribe_packet  # noqa: E402
+from broker.testing import connect_packet, free_port, publish_packet, subscribe_packet, wait_port  # noqa: E402
 
 STOCK_SCRIPT = """
 import asyncio, signal, sys
@@ -57,22 +56,6 @@ async def main():
     await broker.shutdown()
 asyncio.run(main())
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def wait_port(port: int, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"broker on {port} did not start")
 
 
 @contextlib.contextmanager
@@ -94,7 +77,7 @@ def run_broker(kind: str, workdir: Path) -> Iterator[tuple[int, psutil.Process]]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_port(port)
+        wait_port(port, timeout=20)
         yield port, psutil.Process(proc.pid)
     finally:
         proc.send_signal(signal.SIGTERM)

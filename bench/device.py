@@ -43,6 +43,7 @@ sys.path.insert(0, str(REPO))
 import paho.mqtt.client as mqtt  # noqa: E402
 from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 
+from broker.testing import free_port  # noqa: E402
 from device.agent import Agent  # noqa: E402
 from device.config import settings_from_dict  # noqa: E402
 from device.store import AgentState, ModelRef, Store  # noqa: E402
@@ -57,15 +58,6 @@ CHUNK = [DEFAULT_CHUNK_SIZE]  # the delivery bench's chunk size (--chunk-kib): t
 
 
 # --- plumbing -----------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 _BROKER = """

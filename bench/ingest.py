@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,6 +31,7 @@ sys.path.insert(0, str(REPO))
 import paho.mqtt.client as mqtt  # noqa: E402
 from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 
+from broker.testing import free_port, wait_port  # noqa: E402
 from publisher.bus import BrokerAddress, Bus  # noqa: E402
 from publisher.service import Aggregator, ServeOptions  # noqa: E402
 from publisher.store import SqliteStore  # noqa: E402
@@ -67,21 +67,6 @@ s.close()
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int) -> None:
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing on port {port}")
-
-
 @contextlib.contextmanager
 def broker(kind: str, workdir: Path) -> Iterator[int]:
     port = free_port()
@@ -97,7 +82,7 @@ def broker(kind: str, workdir: Path) -> Iterator[int]:
         argv = [sys.executable, "-m", "publisher._stock_broker", str(port)]
     proc = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_port(port)
+        wait_port(port, timeout=15)
         yield port
     finally:
         proc.kill()

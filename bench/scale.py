@@ -31,7 +31,6 @@ import contextlib
 import hashlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -52,21 +51,6 @@ def chunk_size() -> int:
     from publisher.plan import DEFAULT_CHUNK_SIZE
 
     return DEFAULT_CHUNK_SIZE
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on {port}")
 
 
 # --- the simulator inference stub ------------------------------------------------------------------
@@ -355,6 +339,7 @@ def rollout(
     port: int, devices: int, workers: int, model_path: Path, root: Path, *, trace: Path | None = None
 ) -> dict[str, Any]:
     """Start agents and serve, submit the staged document, and time it to COMPLETED."""
+    from broker.testing import free_port, wait_port
     from publisher.document import load_document
     from publisher.http import fetch_json, submit_rollout, upload_blob
     from publisher.plan import digest_file
@@ -396,7 +381,7 @@ def rollout(
                 stderr=subprocess.STDOUT,
             )
         )
-        wait_port(http)
+        wait_port(http, timeout=30)
         t_agents = time.monotonic()
         workers_procs = []
         for start, n in split(devices, workers):
@@ -475,6 +460,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-baseline", action="store_true", help="skip the bare fan-out (for traced runs)")
     opts = p.parse_args(args)
 
+    from broker.testing import free_port, wait_port
     from publisher.modelgen import ModelSpec, write_model
 
     with tempfile.TemporaryDirectory(prefix="fleetbus-scale-") as tmp:
@@ -487,7 +473,7 @@ def main(argv: list[str] | None = None) -> None:
         config.write_text(f'[broker]\nhost = "127.0.0.1"\nport = {port}\nallow_anonymous = true\n')
         broker_log = open(root / "broker.log", "w")  # noqa: SIM115 - closed with the directory's life
         with process([PY, "-m", "broker.server", str(config)], stdout=broker_log, stderr=subprocess.STDOUT):
-            wait_port(port)
+            wait_port(port, timeout=30)
             t_base = float("nan") if opts.no_baseline else baseline(port, opts.devices, opts.workers, model)
             figures = rollout(port, opts.devices, opts.workers, model_path, root, trace=opts.trace)
     figures.update(
