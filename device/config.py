@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -209,15 +209,13 @@ def settings_from_dict(raw: dict[str, Any], base: Path | None = None) -> Setting
     except TopicError as exc:
         raise ConfigError(f"[device] {exc}") from None
     if base is not None:
-        parts["device"] = DeviceSection(dev.id, dev.groups, _resolve(dev.state_dir, base), dev.ram_bytes)
+        # replace(), not the constructors: a field added to a section later is carried over too.
+        parts["device"] = replace(dev, state_dir=_resolve(dev.state_dir, base))
         if "trust" in parts:
             keys = tuple(k if _is_hex_key(k) else _resolve(k, base) for k in parts["trust"].publisher_keys)
-            parts["trust"] = TrustSection(keys)
+            parts["trust"] = replace(parts["trust"], publisher_keys=keys)
         if "mqtt" in parts and parts["mqtt"].cafile:
-            m: MqttSection = parts["mqtt"]
-            parts["mqtt"] = MqttSection(
-                m.host, m.port, m.username, m.password, m.tls, _resolve(m.cafile or "", base), m.keepalive
-            )
+            parts["mqtt"] = replace(parts["mqtt"], cafile=_resolve(parts["mqtt"].cafile, base))
     settings = Settings(**parts)
     _validate(settings)
     return settings
