@@ -43,6 +43,7 @@ sys.path.insert(0, str(REPO))
 import paho.mqtt.client as mqtt  # noqa: E402
 from paho.mqtt.enums import CallbackAPIVersion  # noqa: E402
 
+from bench.fanout import raw_subscribers  # noqa: E402
 from broker.testing import free_port  # noqa: E402
 from device.agent import Agent  # noqa: E402
 from device.config import settings_from_dict  # noqa: E402
@@ -193,41 +194,6 @@ def agent_settings(device: str, port: int, state: Path, pub: str, **inference: A
 
 
 # --- 1. delivery --------------------------------------------------------------------------------
-
-
-def raw_worker(port: int, n: int, want: int) -> None:
-    """Worker process: n paho subscribers; prints 'ready', then the monotonic time all got everything."""
-    got = [0] * n
-    all_done = threading.Event()
-    lock = threading.Lock()
-    finished = [0]
-    subs = []
-    acks = threading.Semaphore(0)
-    for k in range(n):
-
-        def on_message(c: Any, u: Any, msg: Any, k: int = k) -> None:
-            got[k] += 1
-            if got[k] == want:
-                with lock:
-                    finished[0] += 1
-                    if finished[0] == n:
-                        all_done.set()
-
-        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"raw-{k}-{time.monotonic_ns()}")
-        c.on_message = on_message
-        c.on_subscribe = lambda *a: acks.release()
-        c.connect("127.0.0.1", port, keepalive=60)
-        c.subscribe("bench/raw/+", qos=1)
-        c.loop_start()
-        subs.append(c)
-    for _ in range(n):
-        acks.acquire(timeout=60)
-    print("ready", flush=True)
-    all_done.wait(600)
-    print(f"{time.monotonic():.6f}", flush=True)
-    for c in subs:
-        c.disconnect()
-        c.loop_stop()
 
 
 def raw_delivery(port: int, n: int, payloads: list[bytes]) -> float:
@@ -702,7 +668,7 @@ def bench_inference(iterations: int) -> None:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "_raw-worker":
-        raw_worker(int(argv[1]), int(argv[2]), int(argv[3]))
+        raw_subscribers(int(argv[1]), int(argv[2]), "bench/raw/+", int(argv[3]))
         return
     if argv and argv[0] == "_agent-worker":
         TRANSFER.update(json.loads(argv[6]))

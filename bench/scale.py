@@ -163,45 +163,6 @@ def agent_worker(port: int, start: int, count: int, root: str, public_hex: str) 
         agent.stop(timeout=2)
 
 
-def raw_worker(port: int, count: int, topic: str, chunks: int) -> None:
-    """``count`` bare paho subscribers; prints 'ready', then the time the last one had every chunk."""
-    import paho.mqtt.client as mqtt
-    from paho.mqtt.enums import CallbackAPIVersion
-
-    done = threading.Event()
-    lock = threading.Lock()
-    complete = [0]
-    subacks = threading.Semaphore(0)
-    clients = []
-    for k in range(count):
-        got = [0]
-
-        def on_message(c: Any, u: Any, msg: Any, got: list[int] = got) -> None:
-            got[0] += 1
-            if got[0] == chunks:
-                with lock:
-                    complete[0] += 1
-                    if complete[0] == count:
-                        done.set()
-
-        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"raw-{os.getpid()}-{k}")
-        c.on_message = on_message
-        c.on_subscribe = lambda *a: subacks.release()
-        c.connect("127.0.0.1", port, keepalive=120)
-        c.loop_start()
-        c.subscribe(topic, qos=1)
-        clients.append(c)
-        time.sleep(0.004)
-    for _ in range(count):
-        subacks.acquire()
-    print("ready", flush=True)
-    done.wait(600)
-    print(time.monotonic(), flush=True)
-    for c in clients:
-        c.disconnect()
-        c.loop_stop()
-
-
 # --- the trace ------------------------------------------------------------------------------------
 
 
@@ -449,7 +410,9 @@ def main(argv: list[str] | None = None) -> None:
         agent_worker(int(args[1]), int(args[2]), int(args[3]), args[4], args[5])
         return
     if args and args[0] == "_raw-worker":
-        raw_worker(int(args[1]), int(args[2]), args[3], int(args[4]))
+        from bench.fanout import raw_subscribers
+
+        raw_subscribers(int(args[1]), int(args[2]), args[3], int(args[4]), stagger_s=0.004)
         return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--devices", type=int, default=1000)
