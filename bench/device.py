@@ -5,11 +5,13 @@
     python bench/device.py --only memory --python /tmp/fbdev-tflite/bin/python
 
 1. delivery   model delivery time to N agents divided by a raw paho publish of the same chunks to N
-              plain subscribers through the same broker, twice: to every agent reporting the file
-              staged (all bytes written and the whole file's SHA-256 verified), and to every agent
-              reporting SUCCEEDED (also the signed step reports, the commit gate and the swap).
-              Agents run in this process as threads (100 processes would measure the machine, not
-              the protocol); the chunk server is the publisher's ChunkShell.
+              plain subscribers through the same broker, three times: to every agent holding the
+              file staged (all bytes written, fsynced and the whole file's SHA-256 verified) by the
+              agents' own clock, as the raw baseline is timed by its subscribers'; the same by the
+              agents' reports (one broker hop later); and to every agent reporting SUCCEEDED (also
+              the commit gate and the swap).  Agents run in one worker process as threads (100
+              processes would measure the machine, not the protocol); the chunk server is the
+              publisher's ChunkShell.
 2. memory     steady-state VmRSS of a `fleetbus device run` process serving a model, per Python
               given (a venv with LiteRT or with tflite-runtime), against a bare `python -c pass`;
               then again once it has committed a signed 1 MB rollout (what that imports stays).
@@ -217,8 +219,36 @@ def raw_delivery(port: int, n: int, payloads: list[bytes]) -> float:
     return done - t0
 
 
+def print_when_all_staged(n: int) -> None:
+    """Print the monotonic time at which the n-th agent of this process logged its file staged.
+
+    The raw baseline's clock is its subscribers' (when the last one holds every byte); this is the
+    same clock for the agents: every byte written, fsynced and the file's SHA-256 verified, read
+    from the agent's own ``rollout_step`` log line rather than from its report, one broker hop later.
+    """
+    import logging
+
+    import structlog
+
+    staged: set[str] = set()
+    lock = threading.Lock()
+
+    def capture(logger: Any, name: str, event: Any) -> Any:
+        if event.get("event") == "rollout_step" and event.get("step") == "STAGED":
+            with lock:
+                staged.add(event["device"])
+                if len(staged) == n:
+                    print(f"{time.monotonic():.6f}", flush=True)
+        raise structlog.DropEvent
+
+    structlog.configure(
+        processors=[capture], wrapper_class=structlog.make_filtering_bound_logger(logging.INFO)
+    )
+
+
 def agent_worker(port: int, n: int, tag: str, root: Path, pub_hex: str) -> None:
     """Worker process: n in-process agents of group 'bench', each serving a small v0 model."""
+    print_when_all_staged(n)
     # Warm agents: one that has taken a rollout before has its signature check imported.  Cold, the
     # first deploy's import is 7 ms for one agent and seconds for 100 agent threads queued on it.
     import cryptography.hazmat.primitives.asymmetric.ed25519  # noqa: F401
@@ -240,9 +270,10 @@ def agent_worker(port: int, n: int, tag: str, root: Path, pub_hex: str) -> None:
 
 def agent_delivery(
     port: int, n: int, model: bytes, tmp: Path, tag: str
-) -> tuple[float, float, dict[str, int]]:
-    """Seconds from a retained group deploy to n agents (one worker process) all reporting the file
-    staged (every byte received, written and its SHA-256 verified), and all reporting SUCCEEDED."""
+) -> tuple[float, float, float, dict[str, int]]:
+    """Seconds from a retained group deploy to n agents (one worker process) all holding the file
+    staged (every byte received, written and its SHA-256 verified) by the worker's clock, then by
+    their reports, and to all reporting SUCCEEDED."""
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from publisher.bus import BrokerAddress, Bus
@@ -271,6 +302,7 @@ def agent_delivery(
             json.dumps(TRANSFER),
         ],
         stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
     )
     try:
@@ -294,6 +326,8 @@ def agent_delivery(
         op.publish(topics.group_desired("bench"), encode(deploy), qos=1, retain=True)
         t_staged = watch.wait(m.rollout_id, n, 600, staged=True)
         t1 = watch.wait(m.rollout_id, n, 600)
+        assert worker.stdout is not None
+        t_held = float(worker.stdout.readline())
         counters = shell.server.counters.as_dict()
         op.publish(topics.group_desired("bench"), b"", qos=1, retain=True).wait_for_publish(5)
         shell.stop()
@@ -305,7 +339,7 @@ def agent_delivery(
         worker.stdin.close()
         worker.wait(60)
         watch.close()
-    return t_staged - t0, t1 - t0, counters
+    return t_held - t0, t_staged - t0, t1 - t0, counters
 
 
 def bench_delivery(counts: list[int], size_mb: float) -> None:
@@ -321,27 +355,30 @@ def bench_delivery(counts: list[int], size_mb: float) -> None:
     )
     print(
         "| agents | raw paho pub/sub (s) | agents: file staged and verified (s) | ratio "
+        "| the same, as reported (s) | ratio "
         "| agents: SUCCEEDED, gate and swap done (s) | ratio | blob/repair chunks sent per run |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     # Simulated devices share one disk: with --state-root on a tmpfs their fsyncs do not queue up in
     # one ext4 journal, as real devices' would not.
     with tempfile.TemporaryDirectory(dir=STATE_ROOT[0]) as td:
         for n in counts:
             reps = 3 if n < 50 else 1
-            raws, staged, agents, sent = [], [], [], []
+            raws, held, staged, agents, sent = [], [], [], [], []
             for r in range(reps):  # alternate, so a busy moment on the machine hits both alike
                 with amqtt_broker() as port:
                     raws.append(raw_delivery(port, n, payloads))
                 with amqtt_broker() as port:
-                    at_staged, took, c = agent_delivery(port, n, model, Path(td), f"n{n}r{r}")
+                    at_held, at_staged, took, c = agent_delivery(port, n, model, Path(td), f"n{n}r{r}")
+                    held.append(at_held)
                     staged.append(at_staged)
                     agents.append(took)
                     sent.append(f"{c['blob_sent']}/{c['repair_sent']}")
             raw, took = statistics.median(raws), statistics.median(agents)
-            at_staged = statistics.median(staged)
+            at_held, at_staged = statistics.median(held), statistics.median(staged)
             print(
-                f"| {n} | {raw:.3f} | {at_staged:.3f} | {at_staged / raw:.2f} "
+                f"| {n} | {raw:.3f} | {at_held:.3f} | {at_held / raw:.2f} "
+                f"| {at_staged:.3f} | {at_staged / raw:.2f} "
                 f"| {took:.3f} | {took / raw:.2f} | {', '.join(sent)} |"
             )
             sys.stdout.flush()

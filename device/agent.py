@@ -35,6 +35,7 @@ from device.link import Link
 from device.pacing import FetchPacer
 from device.rollout import (
     BEFORE_ACTIVATION,
+    UNPERSISTED,
     Effect,
     Event,
     Step,
@@ -68,9 +69,9 @@ log = structlog.get_logger("device.agent")
 
 _Next = tuple[Event, str | None] | None
 
-#: A state is persisted before each step is reported, but a download's progress reports are not:
-#: each persisted state reserves this many version numbers for them, so numbers still only grow
-#: across a crash without an fsync'd state save per progress report.
+#: A state is persisted before each step is reported, but a download's progress reports (and the
+#: UNPERSISTED steps) are not: each persisted state reserves this many version numbers for them, so
+#: numbers still only grow across a crash without an fsync'd state save per report.
 VERSION_RESERVE = 16
 #: Progress reports during a download: at each 10 % boundary, but at most one per this interval.
 #: A fast download (seconds) needs none: the chunk server reports every device's bitmap anyway.
@@ -217,6 +218,10 @@ class Agent:
             self._error("state_corrupt", str(exc))
             self.state = AgentState()
         self._version = max(self.state.version_number, self.state.version_reserved)
+        # A fresh reserve above every number the last run may have sent, persisted now, while the
+        # board is booting: the next rollout's unpersisted reports then need no fsync of their own.
+        self.state = replace(self.state, version_reserved=self._version + VERSION_RESERVE)
+        self.store.save_state(self.state)
         deploy_bytes = self.store.load_deploy()
         if deploy_bytes is not None and self.state.rollout_id is not None:
             # deploy.bin was verified before it was saved; whoever can rewrite the state directory
@@ -475,11 +480,11 @@ class Agent:
     def _report(self, percent: int | None = None) -> None:
         """Persist the state with a new version number, then publish it (retained).
 
-        A progress report (``percent``) persists nothing while it uses a reserved number below the
-        top one (kept for the report a restarted agent repeats).
+        A progress report (``percent``) or one of an UNPERSISTED step persists nothing while it uses
+        a reserved number below the top one (kept for the report a restarted agent repeats).
         """
         self._version += 1
-        if percent is None:
+        if percent is None and self.state.step not in UNPERSISTED:
             self.state = replace(
                 self.state, version_number=self._version, version_reserved=self._version + VERSION_RESERVE
             )

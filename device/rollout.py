@@ -25,7 +25,7 @@ from schemas.messages import ExecStatus
 
 
 class Step(str, enum.Enum):
-    """Where a rollout is on this device; persisted in state.json before each step runs."""
+    """Where a rollout is on this device; saved in state.json before each step (see UNPERSISTED)."""
 
     IDLE = "IDLE"
     QUEUED = "QUEUED"
@@ -178,6 +178,18 @@ RESUME: dict[Step, Step] = {
     Step.CANCELED: Step.CANCELED,
     Step.INCOMPATIBLE: Step.INCOMPATIBLE,
 }
+
+# Steps reported but not persisted on their own: a record of them would buy nothing, and each costs
+# two fsyncs (file and directory) on the path of every delivery.  They are numbered from the
+# reserve, like download progress (so they are persisted after all when the reserve runs out).
+# - QUEUED lasts only for the pre-check, a pure function, before it moves on in the same call.  A
+#   restart there finds the rollout before it (deploy.bin is saved, state.json not yet), and the
+#   retained deploy, delivered again on connect, starts it afresh.
+# - VERIFYING and STAGED: a restart finds DOWNLOADING with every chunk held, which resumes into the
+#   same work (COMPLETE, VERIFY, STAGED follow at once).
+# GATING is persisted although it would resume the same way: a model that kills the agent in the
+# gate must show up as a crash loop in GATING, where its resumes are counted.
+UNPERSISTED = frozenset({Step.QUEUED, Step.VERIFYING, Step.STAGED})
 
 DEFAULT_MAX_RESUMES = 3
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from device.agent import VERSION_RESERVE, Agent
 from device.config import settings_from_dict
 from device.rollout import Step
-from device.store import AgentState
+from device.store import AgentState, with_step
 from publisher.modelgen import ModelSpec, build_model
 from schemas import topics
 from schemas.codec import decode_as, encode
@@ -79,3 +80,34 @@ def test_a_deploy_that_leads_to_no_download_leaves_no_chunk_subscription(tmp_pat
     blob = topics.blob_filter(m.model_sha256)
     assert calls == [("sub", blob), ("unsub", blob)]
     assert agent.counters.snapshot().get("bad_signatures") == 1
+
+
+def test_queued_verifying_and_staged_are_reported_without_saving_state(tmp_path: Path, keys: Keys) -> None:
+    """QUEUED, VERIFYING and STAGED go out under reserved numbers; GATING is saved before its report."""
+    sent: list[State] = []
+    agent = _agent(tmp_path, keys, sent)
+    agent.state = AgentState(step=Step.DOWNLOADING, rollout_id="r-1")
+    agent._report()
+    saved = agent.store.state_file.read_bytes()
+    for step in (Step.QUEUED, Step.VERIFYING, Step.STAGED):
+        agent.state = with_step(agent.state, step)
+        agent._report()
+        assert agent.store.state_file.read_bytes() == saved, step
+    agent.state = with_step(agent.state, Step.GATING)
+    agent._report()
+    assert agent.store.load_state().step is Step.GATING
+    assert [s.details.get("step") for s in sent] == ["downloading", "queued", "verifying", "staged", "gating"]
+    assert [s.version_number for s in sent] == [1, 2, 3, 4, 5]
+
+
+def test_boot_persists_a_fresh_reserve_so_the_first_reports_need_no_save(tmp_path: Path, keys: Keys) -> None:
+    """A booted agent's first unpersisted report leaves state.json as boot wrote it."""
+    sent: list[State] = []
+    agent = _agent(tmp_path, keys, sent)
+    agent._boot()
+    booted = agent.store.state_file.read_bytes()
+    assert agent.store.load_state().version_reserved > agent._version
+    agent.state = replace(agent.state, step=Step.QUEUED, rollout_id="r-1")
+    agent._report()
+    assert agent.store.state_file.read_bytes() == booted
+    assert sent[-1].version_number == 1
