@@ -15,6 +15,7 @@
 2. memory     steady-state VmRSS of a `fleetbus device run` process serving a model, per Python
               given (a venv with LiteRT or with tflite-runtime), against a bare `python -c pass`;
               then again once it has committed a signed 1 MB rollout (what that imports stays).
+              Our packages are byte-compiled first, as pip does when it installs the wheel.
 3. download   peak VmRSS of an agent process while it downloads a 50 MB model vs a 1 MB one.
 4. inference  the agent's inference loop (InferenceLoop.step) vs bare interpreter.invoke() on the
               same model and inputs.
@@ -512,6 +513,14 @@ def bench_memory(pythons: list[str]) -> None:
                 shell.stop()
 
         for k, python in enumerate(pythons):
+            # An installed agent has its bytecode (pip compiles a wheel's modules as it installs
+            # them); a checkout under PYTHONDONTWRITEBYTECODE would compile ours at every start.
+            subprocess.run(
+                [python, "-m", "compileall", "-q", "device", "schemas"],
+                cwd=REPO,
+                check=True,
+                env={key: v for key, v in os.environ.items() if key != "PYTHONDONTWRITEBYTECODE"},
+            )
             probe = subprocess.run([python, "-c", _RSS_SNIPPET], capture_output=True, text=True, check=True)
             bare = int(probe.stdout) * 1024
             rt = subprocess.run(

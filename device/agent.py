@@ -12,7 +12,6 @@ Every bad input is logged, counted under a name that shows up in Health.counters
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import queue
 import threading
 import time
@@ -44,7 +43,7 @@ from device.rollout import (
     resume,
     transition,
 )
-from device.runtime import InferenceRuntime, LoadedModel, default_runtime
+from device.runtime import InferenceRuntime, LoadedModel, default_runtime, installed_version
 from device.store import AgentState, ModelRef, Staging, Store, crash_point, sha256_file, with_step
 from device.watchdog import Watchdog, WatchdogResult
 from schemas import topics
@@ -82,10 +81,7 @@ FETCH_WINDOW_BYTES = 4 * 1024 * 1024
 
 
 def agent_version() -> str:
-    try:
-        return importlib.metadata.version("fleetbus")
-    except importlib.metadata.PackageNotFoundError:
-        return "0+unknown"
+    return installed_version("fleetbus") or "0+unknown"
 
 
 class Agent:

@@ -13,15 +13,43 @@ What it does keep out: the optional extras structlog's console renderer imports 
 installed (rich, better_exceptions, colorama).  They only colour output and prettify tracebacks, and
 the agent logs without colour, so a board where rich happens to be installed (a dev install) paid
 3.2 MiB of RSS for nothing and logged tracebacks differently from one without it.
+
+What it defers: standard-library modules that a library imports at module level but uses only on
+paths the agent never takes (``DEFERRED``).  Each gets a stand-in in ``sys.modules`` that carries
+the real module's spec, so ``import asyncio`` elsewhere binds the stand-in without loading anything,
+and whose first attribute lookup imports the real module and answers from it from then on.  A
+``LazyLoader`` module cannot do this: the import system reads ``__spec__`` of a module already in
+``sys.modules``, and that read alone runs the deferred import.  It also turns pydantic's plugin
+discovery off (``pydantic.plugin._loader.get_plugins`` answers none, as
+``PYDANTIC_DISABLE_PLUGINS=__all__`` does): the scan imports ``importlib.metadata``, and with it
+``email``, ``zipfile``, ``csv`` and ``tempfile``, to find plugins a board never installs.  Together
+4.6 MiB of the agent's RSS once nothing else imports ``importlib.metadata`` (docs/device.md,
+"Measured").
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import sys
+import threading
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 # Imported by structlog.dev in try/except ImportError; None in sys.modules is "not installed".
 UNUSED_EXTRAS = ("rich", "better_exceptions", "colorama")
+
+#: Imported at module level, used only on paths the agent does not take: structlog's async log
+#: methods (asyncio, 1.7-1.8 MiB with subprocess and concurrent.futures) and paho's proxy lookup,
+#: which runs only when PySocks is installed (urllib.request, with http.client and email).
+DEFERRED = ("asyncio", "urllib.request")
+
+#: pydantic looks for plugins when it builds its first validator, through this module.
+PYDANTIC_PLUGIN_LOADER = "pydantic.plugin._loader"
+
+# Two threads reaching a stand-in at once: both would see it in sys.modules and both remove it.
+_loading = threading.RLock()
 
 USAGE = """usage: python -m device run [--config device.toml] [--log-level LEVEL] [--log-json]
 
@@ -76,6 +104,62 @@ def serve(config: Path) -> None:
     agent.run()
 
 
+def defer_import(name: str, **overrides: Any) -> ModuleType | None:
+    """Put a stand-in for module `name` in ``sys.modules`` that imports it on first attribute use.
+
+    Attributes in `overrides` are answered by the stand-in itself and never load the module.
+    Nothing happens (None) when the module is already imported or cannot be found.  For pure-Python
+    modules only: building the stand-in from an extension module's spec would load the extension.
+    """
+    if name in sys.modules:
+        return None
+    parent, _, child = name.rpartition(".")
+    try:
+        # A stand-in under a parent that is not imported would let `import a.b.c` skip running a
+        # and a.b, so the parents are imported first (find_spec would import them anyway).
+        spec = importlib.util.find_spec(name)
+    except ImportError:
+        return None
+    if spec is None or name in sys.modules:  # a parent's import may have imported it
+        return None
+    # The attributes the import system reads (__spec__, __path__ of a package, __file__), set from
+    # the spec without running the module: ``from x import y`` asks hasattr(x, "__path__").
+    stand_in = importlib.util.module_from_spec(spec)
+    vars(stand_in).update(overrides)
+
+    def load(attribute: str) -> Any:
+        # Module-level __getattr__ (PEP 562): only attributes the stand-in lacks get here.
+        if attribute == "__path__":
+            raise AttributeError(f"module {name!r} is not a package")
+        with _loading:
+            if sys.modules.get(name) is stand_in:
+                del sys.modules[name]
+            module = importlib.import_module(name)
+        return getattr(module, attribute)
+
+    vars(stand_in)["__getattr__"] = load
+    sys.modules[name] = stand_in
+    if parent:
+        # `import urllib.request` then `urllib.request.x` reads the attribute off the parent.
+        setattr(sys.modules[parent], child, stand_in)
+    return stand_in
+
+
+def _no_pydantic_plugins() -> tuple[()]:
+    return ()
+
+
+def defer_unused_imports() -> None:
+    """Defer ``DEFERRED`` and pydantic's plugin scan; first, before structlog, paho or pydantic load.
+
+    Loads none of them; the plugin scan's module is deferred under its parent packages, which
+    imports pydantic and ``pydantic.plugin`` (``schemas`` imports them anyway).
+    """
+    for name in DEFERRED:
+        defer_import(name)
+    defer_import(PYDANTIC_PLUGIN_LOADER, get_plugins=_no_pydantic_plugins)
+
+
 def keep_out_unused_extras() -> None:
     """Make structlog fall back to plain tracebacks, as on a board without the extras installed."""
     for name in UNUSED_EXTRAS:
@@ -86,6 +170,7 @@ def keep_out_unused_extras() -> None:
 def main(argv: list[str] | None = None) -> int:
     # First, before anything imports structlog.
     keep_out_unused_extras()
+    defer_unused_imports()
     config, level, as_json = parse_args(sys.argv[1:] if argv is None else argv)
     if not config.is_file():
         print(f"Error: config file {config} does not exist", file=sys.stderr)

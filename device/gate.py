@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import statistics
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -111,7 +110,14 @@ def _median_latency_ms(model: LoadedModel, inputs: list[npt.NDArray[Any]], runs:
         t0 = time.perf_counter()
         model.invoke(inputs)
         times.append((time.perf_counter() - t0) * 1000.0)
-    return statistics.median(times)
+    return _median(times)
+
+
+def _median(values: Sequence[float]) -> float:
+    # statistics.median's answer; importing statistics brings fractions and decimal (C) with it.
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
 def run_gate(
