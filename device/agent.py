@@ -24,6 +24,7 @@ import structlog
 from device import shadow
 from device.chunks import Outcome
 from device.config import Settings
+from device.dist import installed_version
 from device.errors import ConfigError, DeviceError, ModelLoadError, StoreError
 from device.gate import precheck, run_gate
 from device.health import Counters, CpuMeter, LatencyStats, meminfo, rss_bytes
@@ -43,7 +44,7 @@ from device.rollout import (
     resume,
     transition,
 )
-from device.runtime import InferenceRuntime, LoadedModel, default_runtime, installed_version
+from device.runtime import InferenceRuntime, LoadedModel, default_runtime
 from device.store import AgentState, ModelRef, Staging, Store, crash_point, sha256_file, with_step
 from device.watchdog import Watchdog, WatchdogResult
 from schemas import topics

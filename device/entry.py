@@ -30,12 +30,16 @@ discovery off (``pydantic.plugin._loader.get_plugins`` answers none, as
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
 import importlib.util
 import sys
 import threading
+from importlib.machinery import ModuleSpec
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+
+from device.dist import installed_version
 
 # Imported by structlog.dev in try/except ImportError; None in sys.modules is "not installed".
 UNUSED_EXTRAS = ("rich", "better_exceptions", "colorama")
@@ -44,6 +48,10 @@ UNUSED_EXTRAS = ("rich", "better_exceptions", "colorama")
 #: methods (asyncio, 1.7-1.8 MiB with subprocess and concurrent.futures) and paho's proxy lookup,
 #: which runs only when PySocks is installed (urllib.request, with http.client and email).
 DEFERRED = ("asyncio", "urllib.request")
+
+#: numpy 1.x imports these from its ``__init__``; the agent and both runtimes use none of them
+#: (the synthetic input source draws from ``random``).  numpy 2 imports them on first use itself.
+NUMPY1_EAGER = ("random", "fft", "polynomial", "ma")
 
 #: pydantic looks for plugins when it builds its first validator, through this module.
 PYDANTIC_PLUGIN_LOADER = "pydantic.plugin._loader"
@@ -113,7 +121,6 @@ def defer_import(name: str, **overrides: Any) -> ModuleType | None:
     """
     if name in sys.modules:
         return None
-    parent, _, child = name.rpartition(".")
     try:
         # A stand-in under a parent that is not imported would let `import a.b.c` skip running a
         # and a.b, so the parents are imported first (find_spec would import them anyway).
@@ -122,6 +129,36 @@ def defer_import(name: str, **overrides: Any) -> ModuleType | None:
         return None
     if spec is None or name in sys.modules:  # a parent's import may have imported it
         return None
+    return _stand_in(name, spec, overrides)
+
+
+def defer_submodules(package: str, children: tuple[str, ...]) -> list[ModuleType]:
+    """Stand-ins for ``package``'s eagerly imported `children`, placed before ``package`` is imported.
+
+    For a package whose ``__init__`` runs ``from . import child`` for modules its users may never
+    touch: the import binds the stand-in instead.  Not for a package that imports a child lazily
+    from its own module ``__getattr__`` (numpy 2 does, for these): there the stand-in is never
+    bound as an attribute and that ``__getattr__`` would recurse.  Nothing happens when the package
+    is already imported or is not installed.
+    """
+    if package in sys.modules:
+        return []
+    top = importlib.util.find_spec(package)
+    if top is None or top.submodule_search_locations is None:
+        return []
+    made = []
+    for child in children:
+        name = f"{package}.{child}"
+        spec = importlib.machinery.PathFinder.find_spec(name, list(top.submodule_search_locations))
+        if spec is not None and name not in sys.modules:
+            made.append(_stand_in(name, spec, {}, bind_to_parent=False))
+    return made
+
+
+def _stand_in(
+    name: str, spec: ModuleSpec, overrides: dict[str, Any], *, bind_to_parent: bool = True
+) -> ModuleType:
+    parent, _, child = name.rpartition(".")
     # The attributes the import system reads (__spec__, __path__ of a package, __file__), set from
     # the spec without running the module: ``from x import y`` asks hasattr(x, "__path__").
     stand_in = importlib.util.module_from_spec(spec)
@@ -139,7 +176,7 @@ def defer_import(name: str, **overrides: Any) -> ModuleType | None:
 
     vars(stand_in)["__getattr__"] = load
     sys.modules[name] = stand_in
-    if parent:
+    if parent and bind_to_parent:
         # `import urllib.request` then `urllib.request.x` reads the attribute off the parent.
         setattr(sys.modules[parent], child, stand_in)
     return stand_in
@@ -157,6 +194,8 @@ def defer_unused_imports() -> None:
     """
     for name in DEFERRED:
         defer_import(name)
+    if (installed_version("numpy") or "").startswith("1."):
+        defer_submodules("numpy", NUMPY1_EAGER)
     defer_import(PYDANTIC_PLUGIN_LOADER, get_plugins=_no_pydantic_plugins)
 
 

@@ -13,10 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from device.dist import installed_version
 from device.entry import defer_import
 from device.gate import _median
 from device.inputs import SyntheticSource
-from device.runtime import TensorSpec, installed_version
+from device.runtime import TensorSpec
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -177,6 +178,30 @@ def test_defer_import_leaves_loaded_and_missing_modules_alone() -> None:
     assert defer_import("fleetbus_no_such_module") is None
     assert defer_import("fleetbus_no_such_package.sub") is None
     assert "fleetbus_no_such_module" not in sys.modules
+
+
+_EAGER_PACKAGE = """
+import builtins, sys
+sys.path.insert(0, sys.argv[1])
+from device.entry import defer_submodules
+made = defer_submodules("eagerpkg", ("heavy", "absent"))
+import eagerpkg
+ran_at_import = getattr(builtins, "HEAVY_RAN", False)
+value = eagerpkg.heavy.VALUE
+print(len(made), ran_at_import, value, builtins.HEAVY_RAN, sys.modules["eagerpkg.heavy"].VALUE)
+print(defer_submodules("eagerpkg", ("heavy",)), defer_submodules("fleetbus_no_such_package", ("x",)))
+"""
+
+
+def test_defer_submodules_keeps_a_packages_eager_children_from_running(tmp_path: Path) -> None:
+    """A child the package imports in its __init__ runs at its first attribute, not at the import."""
+    pkg = tmp_path / "eagerpkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("from . import heavy\n")
+    (pkg / "heavy.py").write_text("import builtins\nbuiltins.HEAVY_RAN = True\nVALUE = 42\n")
+    out = _run(_EAGER_PACKAGE, str(tmp_path)).splitlines()
+    assert out[0] == "1 False 42 True 42", out
+    assert out[1] == "[] []", out  # the package is imported now; a missing one is left alone
 
 
 @pytest.mark.parametrize("dist", ["pydantic", "paho-mqtt", "typing_extensions", "numpy", "fleetbus"])
