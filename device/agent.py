@@ -217,8 +217,13 @@ class Agent:
         self._version = max(self.state.version_number, self.state.version_reserved)
         # A fresh reserve above every number the last run may have sent, persisted now, while the
         # board is booting: the next rollout's unpersisted reports then need no fsync of their own.
-        self.state = replace(self.state, version_reserved=self._version + VERSION_RESERVE)
-        self.store.save_state(self.state)
+        # Unsaved (a read-only or full disk), the first report saves one as before.
+        reserved = replace(self.state, version_reserved=self._version + VERSION_RESERVE)
+        try:
+            self.store.save_state(reserved)
+            self.state = reserved
+        except OSError as exc:
+            self._error("state_write_errors", f"cannot save {self.store.state_file}: {exc}")
         deploy_bytes = self.store.load_deploy()
         if deploy_bytes is not None and self.state.rollout_id is not None:
             # deploy.bin was verified before it was saved; whoever can rewrite the state directory

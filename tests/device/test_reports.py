@@ -111,3 +111,17 @@ def test_boot_persists_a_fresh_reserve_so_the_first_reports_need_no_save(tmp_pat
     agent._report()
     assert agent.store.state_file.read_bytes() == booted
     assert sent[-1].version_number == 1
+
+
+def test_a_boot_that_cannot_save_its_reserve_counts_it_and_goes_on(tmp_path: Path, keys: Keys) -> None:
+    """An unwritable state.json at boot is counted in health, not a crash; the first report saves."""
+    sent: list[State] = []
+    agent = _agent(tmp_path, keys, sent)
+    blocker = agent.store.state_file.with_name("state.json.tmp")
+    blocker.mkdir()  # atomic_write's temp file cannot be created (EISDIR), even for root
+    agent._boot()
+    assert agent.counters.snapshot().get("state_write_errors") == 1
+    blocker.rmdir()
+    agent.state = replace(agent.state, step=Step.QUEUED, rollout_id="r-1")
+    agent._report()
+    assert agent.store.load_state().version_reserved > sent[-1].version_number
