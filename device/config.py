@@ -55,8 +55,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from device.errors import ConfigError
+from schemas.constants import MQTT_PORT
 from schemas.errors import TopicError
-from schemas.messages import MQTT_PORT
 from schemas.topics import validate_id
 
 if sys.version_info >= (3, 11):

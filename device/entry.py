@@ -19,13 +19,9 @@ paths the agent never takes (``DEFERRED``).  Each gets a stand-in in ``sys.modul
 the real module's spec, so ``import asyncio`` elsewhere binds the stand-in without loading anything,
 and whose first attribute lookup imports the real module and answers from it from then on.  A
 ``LazyLoader`` module cannot do this: the import system reads ``__spec__`` of a module already in
-``sys.modules``, and that read alone runs the deferred import.  It also turns pydantic's plugin
-discovery off (``pydantic.plugin._loader.get_plugins`` answers none, as
-``PYDANTIC_DISABLE_PLUGINS=__all__`` does): the scan imports ``importlib.metadata``, and with it
-``email``, ``zipfile``, ``csv`` and ``tempfile``, to find plugins a board never installs.  Together
-4.6 MiB of the agent's RSS once nothing else imports ``importlib.metadata`` (docs/device.md,
-"Measured").  With numpy 1.x it also defers the subpackages numpy's ``__init__`` imports for its
-users and the agent never touches (``NUMPY1_EAGER``): 4.4 MiB more.
+``sys.modules``, and that read alone runs the deferred import.  With numpy 1.x it also defers the
+subpackages numpy's ``__init__`` imports for its users and the agent never touches
+(``NUMPY1_EAGER``): 4.4 MiB.  The agent imports no pydantic at all (``schemas/plain.py``).
 """
 
 from __future__ import annotations
@@ -53,9 +49,6 @@ DEFERRED = ("asyncio", "urllib.request")
 #: numpy 1.x imports these from its ``__init__``; the agent and both runtimes use none of them
 #: (the synthetic input source draws from ``random``).  numpy 2 imports them on first use itself.
 NUMPY1_EAGER = ("random", "fft", "polynomial", "ma")
-
-#: pydantic looks for plugins when it builds its first validator, through this module.
-PYDANTIC_PLUGIN_LOADER = "pydantic.plugin._loader"
 
 # Two threads reaching a stand-in at once: both would see it in sys.modules and both remove it.
 _loading = threading.RLock()
@@ -183,21 +176,12 @@ def _stand_in(
     return stand_in
 
 
-def _no_pydantic_plugins() -> tuple[()]:
-    return ()
-
-
 def defer_unused_imports() -> None:
-    """Defer ``DEFERRED`` and pydantic's plugin scan; first, before structlog, paho or pydantic load.
-
-    Loads none of them; the plugin scan's module is deferred under its parent packages, which
-    imports pydantic and ``pydantic.plugin`` (``schemas`` imports them anyway).
-    """
+    """Defer ``DEFERRED`` (and numpy 1.x's ``NUMPY1_EAGER``); first, before anything imports them."""
     for name in DEFERRED:
         defer_import(name)
     if (installed_version("numpy") or "").startswith("1."):
         defer_submodules("numpy", NUMPY1_EAGER)
-    defer_import(PYDANTIC_PLUGIN_LOADER, get_plugins=_no_pydantic_plugins)
 
 
 def keep_out_unused_extras() -> None:

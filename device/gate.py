@@ -21,7 +21,7 @@ import numpy.typing as npt
 
 from device.errors import ModelLoadError
 from device.runtime import InferenceRuntime, LoadedModel, TensorSpec
-from schemas.messages import GoldenCase, Manifest, TensorSig
+from schemas.plain import GoldenCase, Manifest, TensorSig
 
 
 @dataclass

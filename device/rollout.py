@@ -21,7 +21,7 @@ import enum
 import re
 from dataclasses import dataclass, field
 
-from schemas.messages import ExecStatus
+from schemas.constants import ExecStatus
 
 
 class Step(str, enum.Enum):

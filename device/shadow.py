@@ -23,8 +23,7 @@ from device.errors import InputError, ModelLoadError
 from device.inputs import InputSource, SyntheticSource, make_source
 from device.rollout import Event
 from schemas import topics
-from schemas.codec import encode
-from schemas.messages import Manifest, Shadow
+from schemas.plain import Manifest, Shadow, encode
 
 if TYPE_CHECKING:
     from device.agent import Agent

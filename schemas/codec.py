@@ -12,11 +12,11 @@ from typing import Any, TypeVar
 import msgpack
 from pydantic import BaseModel, ValidationError
 
+from schemas import constants
 from schemas.errors import DecodeError, MessageTooLarge
 from schemas.messages import KINDS, MESSAGE_ADAPTER, SCHEMA_VERSION, Message
 
-# The largest message we make is a 256 KiB chunk; a manifest with golden data stays far below this.
-DEFAULT_MAX_BYTES = 1024 * 1024
+DEFAULT_MAX_BYTES = constants.DEFAULT_MAX_BYTES
 
 M = TypeVar("M", bound=BaseModel)
 

@@ -10,21 +10,56 @@ retyping one bumps it, and older readers then refuse the message with a clear er
 
 from __future__ import annotations
 
-import enum
 import time
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-SCHEMA_VERSION = 1
-MAX_CHUNK_SIZE = 256 * 1024
-# IANA-assigned MQTT ports: the defaults wherever a config or address leaves the port out.
-MQTT_PORT = 1883
-MQTTS_PORT = 8883
-MIN_CHUNK_SIZE = 1024
+from schemas.constants import (
+    IDENT_MAX,
+    IDENT_PATTERN,
+    MAX_CHUNK_SIZE,
+    MIN_CHUNK_SIZE,
+    MQTT_PORT,
+    MQTTS_PORT,
+    SCHEMA_VERSION,
+    SHA256_PATTERN,
+    ExecStatus,
+)
 
-Sha256Hex = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
-Ident = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")]
+__all__ = [
+    "KINDS",
+    "MAX_CHUNK_SIZE",
+    "MESSAGE_ADAPTER",
+    "MESSAGE_TYPES",
+    "MIN_CHUNK_SIZE",
+    "MQTTS_PORT",
+    "MQTT_PORT",
+    "SCHEMA_VERSION",
+    "Aggregate",
+    "Birth",
+    "Cancel",
+    "Chunk",
+    "Death",
+    "Deploy",
+    "ExecStatus",
+    "Fetch",
+    "GoldenCase",
+    "Health",
+    "Manifest",
+    "Message",
+    "Rebirth",
+    "Results",
+    "RolloutControl",
+    "RolloutStatus",
+    "Shadow",
+    "State",
+    "TensorSig",
+    "WaveProgress",
+]
+
+Sha256Hex = Annotated[str, Field(pattern=SHA256_PATTERN)]
+Ident = Annotated[str, Field(min_length=1, max_length=IDENT_MAX, pattern=IDENT_PATTERN)]
 Seq = Annotated[int, Field(ge=0, le=255)]
 
 
@@ -37,23 +72,6 @@ class _Base(BaseModel):
 
     v: Annotated[int, Field(ge=1)] = SCHEMA_VERSION
     ts: float = Field(default_factory=_now)
-
-
-class ExecStatus(str, enum.Enum):
-    """Per-device execution states reported to the publisher (AWS IoT Jobs, plus INCOMPATIBLE)."""
-
-    QUEUED = "QUEUED"
-    IN_PROGRESS = "IN_PROGRESS"
-    SUCCEEDED = "SUCCEEDED"
-    FAILED = "FAILED"
-    REJECTED = "REJECTED"
-    TIMED_OUT = "TIMED_OUT"
-    CANCELED = "CANCELED"
-    INCOMPATIBLE = "INCOMPATIBLE"
-
-    @property
-    def terminal(self) -> bool:
-        return self not in (ExecStatus.QUEUED, ExecStatus.IN_PROGRESS)
 
 
 # --- parts ----------------------------------------------------------------------------------------

@@ -13,14 +13,17 @@ import hashlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
-from schemas.codec import decode_as, encode
 from schemas.errors import SchemaError
-from schemas.messages import Deploy, Manifest
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+    from schemas.messages import Deploy, Manifest
+
+# The device checks signatures with schemas.plain, which must not pull pydantic in through here: the
+# pydantic models are imported inside sign() and verify(), which only the publisher side calls.
 
 
 class SignatureError(SchemaError):
@@ -92,13 +95,29 @@ def pin_keys(values: list[str]) -> dict[str, Ed25519PublicKey]:
     return pinned
 
 
+class SignedDeploy(Protocol):
+    """What a signature check reads from a deploy: a pydantic ``Deploy`` or a ``schemas.plain`` one."""
+
+    @property
+    def rollout_id(self) -> str: ...
+    @property
+    def manifest(self) -> bytes: ...
+    @property
+    def signature(self) -> bytes: ...
+    @property
+    def key_id(self) -> str: ...
+
+
 def sign(manifest: Manifest, private: Ed25519PrivateKey, kid: str) -> Deploy:
+    from schemas.codec import encode
+    from schemas.messages import Deploy
+
     body = encode(manifest)
     return Deploy(rollout_id=manifest.rollout_id, manifest=body, signature=private.sign(body), key_id=kid)
 
 
-def verify(deploy: Deploy, pinned: Mapping[str, Ed25519PublicKey]) -> Manifest:
-    """Return the manifest inside ``deploy`` if a pinned key signed it; raise SignatureError if not."""
+def check_signature(deploy: SignedDeploy, pinned: Mapping[str, Ed25519PublicKey]) -> None:
+    """Return if a pinned key signed ``deploy.manifest``; raise SignatureError if not."""
     from cryptography.exceptions import InvalidSignature
 
     if not deploy.signature:
@@ -112,9 +131,22 @@ def verify(deploy: Deploy, pinned: Mapping[str, Ed25519PublicKey]) -> Manifest:
         public.verify(deploy.signature, deploy.manifest)
     except InvalidSignature:
         raise SignatureError(f"rollout {deploy.rollout_id}: bad signature from key {deploy.key_id}") from None
-    manifest = decode_as(deploy.manifest, Manifest)
-    if manifest.rollout_id != deploy.rollout_id:
+
+
+def check_rollout_id(deploy: SignedDeploy, manifest_rollout_id: str) -> None:
+    """Raise SignatureError if the signed manifest names another rollout than its deploy."""
+    if manifest_rollout_id != deploy.rollout_id:
         raise SignatureError(
-            f"deploy says rollout {deploy.rollout_id} but its signed manifest says {manifest.rollout_id}"
+            f"deploy says rollout {deploy.rollout_id} but its signed manifest says {manifest_rollout_id}"
         )
+
+
+def verify(deploy: Deploy, pinned: Mapping[str, Ed25519PublicKey]) -> Manifest:
+    """Return the manifest inside ``deploy`` if a pinned key signed it; raise SignatureError if not."""
+    from schemas.codec import decode_as
+    from schemas.messages import Manifest
+
+    check_signature(deploy, pinned)
+    manifest = decode_as(deploy.manifest, Manifest)
+    check_rollout_id(deploy, manifest.rollout_id)
     return manifest

@@ -93,7 +93,7 @@ def test_lean_agent_keeps_asyncio_and_urllib_request_unloaded(tmp_path: Path) ->
     assert "logged" in out
 
 
-_MESSAGES_AND_RUNTIME = """
+_AGENT_AND_RUNTIME = """
 import sys
 from device.entry import main
 assert main(["run", "--config", sys.argv[1]]) == 2
@@ -102,22 +102,20 @@ configure_logging("info")
 import paho.mqtt.client, structlog
 import device.agent
 from device.runtime import default_runtime
-from schemas.codec import decode, encode
-from schemas.messages import Death
-from pydantic.plugin._loader import get_plugins
+from schemas.plain import Death, decode, encode
 assert decode(encode(Death(device_id="d1", bdseq=3))).kind == "death"
-print(default_runtime().version, list(get_plugins()))
+print(default_runtime().version, device.agent.agent_version())
 print(sorted(n for n in sys.argv[2:] if n in sys.modules))
 """
 
 
-def test_lean_entry_keeps_importlib_metadata_out_of_the_messages_and_runtime(tmp_path: Path) -> None:
-    """Building the message models and the runtime under the lean entry loads no importlib.metadata."""
-    kept_out = ["importlib.metadata", "email", "zipfile", "csv", "tempfile"]
-    out = _run(_MESSAGES_AND_RUNTIME, str(tmp_path / "missing.toml"), *kept_out)
-    version, plugins = out.splitlines()[0].split(" ", 1)
-    assert version[0].isdigit(), out
-    assert plugins == "[]", out
+def test_lean_agent_loads_neither_pydantic_nor_importlib_metadata(tmp_path: Path) -> None:
+    """The agent, its messages and the runtime, under the lean entry: no pydantic, no importlib.metadata."""
+    kept_out = ["pydantic", "pydantic_core", "importlib.metadata", "email", "zipfile", "csv", "tempfile"]
+    out = _run(_AGENT_AND_RUNTIME, str(tmp_path / "missing.toml"), *kept_out)
+    runtime_version, agent_version = out.splitlines()[0].split(" ", 1)
+    assert runtime_version[0].isdigit(), out
+    assert agent_version == importlib.metadata.version("fleetbus"), out
     assert out.splitlines()[1] == "[]", out
 
 
