@@ -13,8 +13,12 @@ import msgpack
 from pydantic import BaseModel, ValidationError
 
 from schemas import constants
-from schemas.errors import DecodeError, MessageTooLarge
-from schemas.messages import KINDS, MESSAGE_ADAPTER, SCHEMA_VERSION, Message
+from schemas.errors import DecodeError
+from schemas.messages import MESSAGE_ADAPTER, Message
+
+# The envelope checks (size, msgpack, a map, the kind, the version) are shared with the device's
+# pydantic-free codec, so both refuse the same payloads with the same sentences.
+from schemas.plain import unpack
 
 DEFAULT_MAX_BYTES = constants.DEFAULT_MAX_BYTES
 
@@ -41,32 +45,11 @@ def _default(obj: object) -> object:
 
 def decode(payload: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Message:
     """Turn bytes into a message, or raise DecodeError with a sentence a person can act on."""
-    if len(payload) > max_bytes:
-        raise MessageTooLarge(
-            f"payload of {len(payload)} bytes is over the {max_bytes}-byte limit; "
-            "use smaller chunks or raise max_bytes on both ends"
-        )
-    try:
-        raw = msgpack.unpackb(payload, raw=False, strict_map_key=True)
-    except Exception as exc:  # msgpack raises a dozen unrelated types for bad input
-        raise DecodeError(f"payload is not valid msgpack ({type(exc).__name__}: {exc})") from None
-    return _from_raw(raw)
+    return _from_raw(unpack(payload, max_bytes))
 
 
-def _from_raw(raw: Any) -> Message:
-    if not isinstance(raw, dict):
-        raise DecodeError(f"payload is a msgpack {type(raw).__name__}, expected a map with a 'kind' key")
-    kind = raw.get("kind")
-    if kind not in KINDS:
-        raise DecodeError(f"unknown message kind {kind!r}; this fleetbus knows {', '.join(sorted(KINDS))}")
-    version = raw.get("v", SCHEMA_VERSION)
-    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise DecodeError(f"{kind} message has schema version {version!r}; expected a positive integer")
-    if version > SCHEMA_VERSION:
-        raise DecodeError(
-            f"{kind} message uses schema version {version}, newer than this fleetbus understands "
-            f"({SCHEMA_VERSION}); upgrade fleetbus on this side"
-        )
+def _from_raw(raw: dict[str, Any]) -> Message:
+    kind = raw["kind"]
     try:
         message: Message = _validate(raw)
         return message

@@ -670,8 +670,10 @@ def _wire(record: _Checked) -> dict[str, Any]:
     return out
 
 
-def decode(payload: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> PlainMessage:
-    """Turn bytes into a message, or raise DecodeError with a sentence a person can act on."""
+def unpack(payload: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> dict[str, Any]:
+    """The envelope checks both codecs make (this one and schemas.codec): the payload's size, that
+    it is msgpack, a map, of a known kind, with a schema version this side understands.  Returns the
+    map; DecodeError (MessageTooLarge over the limit) with a sentence a person can act on if not."""
     if len(payload) > max_bytes:
         raise MessageTooLarge(
             f"payload of {len(payload)} bytes is over the {max_bytes}-byte limit; "
@@ -694,6 +696,13 @@ def decode(payload: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> PlainMessage:
             f"{kind} message uses schema version {version}, newer than this fleetbus understands "
             f"({SCHEMA_VERSION}); upgrade fleetbus on this side"
         )
+    return raw
+
+
+def decode(payload: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> PlainMessage:
+    """Turn bytes into a message, or raise DecodeError with a sentence a person can act on."""
+    raw = unpack(payload, max_bytes)
+    kind = raw["kind"]
     cls = _BY_KIND.get(kind)
     if cls is None:
         return Unread(kind=kind)
