@@ -18,7 +18,7 @@ from schemas.messages import MESSAGE_ADAPTER, Message
 
 # The envelope checks (size, msgpack, a map, the kind, the version) are shared with the device's
 # pydantic-free codec, so both refuse the same payloads with the same sentences.
-from schemas.plain import unpack
+from schemas.plain import insist, unpack
 
 DEFAULT_MAX_BYTES = constants.DEFAULT_MAX_BYTES
 
@@ -65,7 +65,4 @@ def _from_raw(raw: dict[str, Any]) -> Message:
 
 def decode_as(payload: bytes, cls: type[M], max_bytes: int = DEFAULT_MAX_BYTES) -> M:
     """Decode and insist on one message type (e.g. a Manifest inside a Deploy)."""
-    msg = decode(payload, max_bytes)
-    if not isinstance(msg, cls):
-        raise DecodeError(f"expected a {cls.__name__} message, got kind {msg.kind!r}")
-    return msg
+    return insist(decode(payload, max_bytes), cls)

@@ -714,10 +714,17 @@ def decode(payload: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> PlainMessage:
 
 def decode_as(payload: bytes, cls: type[M], max_bytes: int = DEFAULT_MAX_BYTES) -> M:
     """Decode and insist on one message type (e.g. a Manifest inside a Deploy)."""
-    msg = decode(payload, max_bytes)
-    if not isinstance(msg, cls):
-        raise DecodeError(f"expected a {cls.__name__} message, got kind {msg.kind!r}")
-    return msg
+    return insist(decode(payload, max_bytes), cls)
+
+
+T = TypeVar("T")
+
+
+def insist(message: object, cls: type[T]) -> T:
+    """``message`` if it is a ``cls``, else DecodeError naming both (for both codecs' decode_as)."""
+    if not isinstance(message, cls):
+        raise DecodeError(f"expected a {cls.__name__} message, got kind {getattr(message, 'kind', None)!r}")
+    return message
 
 
 def verify(deploy: Deploy, pinned: Mapping[str, Ed25519PublicKey]) -> Manifest:
