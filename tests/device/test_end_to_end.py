@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from publisher.modelgen import ModelSpec, build_model, reference_output
@@ -61,3 +63,10 @@ def test_two_agents_commit_a_signed_rollout_and_report_results(rig: Rig) -> None
         assert not any(
             k.startswith("chunks_") and k not in {"chunks_stored", "chunks_received"} for k in counters
         )
+    # Two signed rollouts later the agent process still has no pydantic in it: it reads and writes
+    # its messages with schemas/plain.py (docs/device.md, "Measured").
+    for agent in (a, b):
+        assert agent.proc is not None
+        maps = Path(f"/proc/{agent.proc.pid}/maps").read_text()
+        assert "pydantic_core" not in maps
+        assert "cryptography" in maps  # the signature check did run in this process
