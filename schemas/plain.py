@@ -222,7 +222,8 @@ _FLOAT_ROWS = _list(_list(_FLOAT))
 
 
 class _Checked:
-    """Runs the class's CHECKS over the fields a dataclass __init__ just stored."""
+    """Runs the class's CHECKS over the fields a dataclass __init__ just stored (a message's table
+    starts with the ``v``, ``ts`` and ``kind`` checks that ``@_message`` puts in front)."""
 
     __slots__ = ()
     CHECKS: ClassVar[tuple[tuple[str, _Check], ...]] = ()
@@ -297,8 +298,17 @@ class _Base(_Checked):
 
 
 _BASE_CHECKS: tuple[tuple[str, _Check], ...] = (("v", _int(ge=1)), ("ts", _FLOAT))
+_MSG = TypeVar("_MSG", bound=_Base)
 
 
+def _message(cls: type[_MSG]) -> type[_MSG]:
+    """Put the checks every message shares (``v``, ``ts``, its ``kind``) before its own CHECKS."""
+    kind = str(cls.__dataclass_fields__["kind"].default)
+    cls.CHECKS = (*_BASE_CHECKS, ("kind", _literal(kind)), *cls.CHECKS)
+    return cls
+
+
+@_message
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Manifest(_Base):
     """What a device needs to fetch, verify, gate and activate one model version."""
@@ -323,8 +333,6 @@ class Manifest(_Base):
     timeout_s: float = 600.0
 
     CHECKS: ClassVar[tuple[tuple[str, _Check], ...]] = (
-        *_BASE_CHECKS,
-        ("kind", _literal("manifest")),
         ("rollout_id", _IDENT),
         ("name", _TEXT),
         ("version", _str(1, 64)),
@@ -349,6 +357,7 @@ class Manifest(_Base):
         return len(self.chunk_sha256)
 
 
+@_message
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Deploy(_Base):
     """A signed manifest addressed to a device or a group."""
@@ -360,8 +369,6 @@ class Deploy(_Base):
     key_id: str
 
     CHECKS: ClassVar[tuple[tuple[str, _Check], ...]] = (
-        *_BASE_CHECKS,
-        ("kind", _literal("deploy")),
         ("rollout_id", _IDENT),
         ("manifest", _bytes),
         ("signature", _bytes),
@@ -369,6 +376,7 @@ class Deploy(_Base):
     )
 
 
+@_message
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Chunk(_Base):
     """One piece of a model file, addressed by the file's SHA-256 and its index."""
@@ -379,23 +387,23 @@ class Chunk(_Base):
     data: bytes
 
     CHECKS: ClassVar[tuple[tuple[str, _Check], ...]] = (
-        *_BASE_CHECKS,
-        ("kind", _literal("chunk")),
         ("sha256", _SHA256),
         ("index", _int(ge=0)),
         ("data", _bytes),
     )
 
 
+@_message
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Rebirth(_Base):
     """Asks a device to publish its birth again."""
 
     kind: Literal["rebirth"] = "rebirth"
 
-    CHECKS: ClassVar[tuple[tuple[str, _Check], ...]] = (*_BASE_CHECKS, ("kind", _literal("rebirth")))
+    CHECKS: ClassVar[tuple[tuple[str, _Check], ...]] = ()
 
 
+@_message
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Cancel(_Base):
     """Stops a rollout on the devices that have not committed it."""
@@ -403,13 +411,10 @@ class Cancel(_Base):
     kind: Literal["cancel"] = "cancel"
     rollout_id: str
 
-    CHECKS: ClassVar[tuple[tuple[str, _Check], ...]] = (
-        *_BASE_CHECKS,
-        ("kind", _literal("cancel")),
-        ("rollout_id", _IDENT),
-    )
+    CHECKS: ClassVar[tuple[tuple[str, _Check], ...]] = (("rollout_id", _IDENT),)
 
 
+@_message
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Birth(_Base):
     """Published on connect and on Rebirth: what the device is, can do and runs."""
@@ -430,8 +435,6 @@ class Birth(_Base):
     model_sha256: str | None = None
 
     CHECKS: ClassVar[tuple[tuple[str, _Check], ...]] = (
-        *_BASE_CHECKS,
-        ("kind", _literal("birth")),
         ("device_id", _IDENT),
         ("seq", _SEQ),
         ("bdseq", _int(ge=0)),
@@ -448,6 +451,7 @@ class Birth(_Base):
     )
 
 
+@_message
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Death(_Base):
     """The device's Last Will; ``bdseq`` matches the birth it ends."""
@@ -457,13 +461,12 @@ class Death(_Base):
     bdseq: int
 
     CHECKS: ClassVar[tuple[tuple[str, _Check], ...]] = (
-        *_BASE_CHECKS,
-        ("kind", _literal("death")),
         ("device_id", _IDENT),
         ("bdseq", _int(ge=0)),
     )
 
 
+@_message
 @dataclass(frozen=True, slots=True, kw_only=True)
 class State(_Base):
     """One rollout execution's status on one device; ``version_number`` only grows."""
@@ -479,8 +482,6 @@ class State(_Base):
     model_version: str | None = None
 
     CHECKS: ClassVar[tuple[tuple[str, _Check], ...]] = (
-        *_BASE_CHECKS,
-        ("kind", _literal("state")),
         ("device_id", _IDENT),
         ("seq", _SEQ),
         ("rollout_id", _IDENT),
@@ -492,6 +493,7 @@ class State(_Base):
     )
 
 
+@_message
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Health(_Base):
     """Periodic health: resources, inference counters and latency of the active model."""
@@ -512,8 +514,6 @@ class Health(_Base):
     last_error: str | None = None
 
     CHECKS: ClassVar[tuple[tuple[str, _Check], ...]] = (
-        *_BASE_CHECKS,
-        ("kind", _literal("health")),
         ("device_id", _IDENT),
         ("seq", _SEQ),
         ("uptime_s", _FLOAT),
@@ -530,6 +530,7 @@ class Health(_Base):
     )
 
 
+@_message
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Results(_Base):
     """A batch of inference outputs."""
@@ -545,8 +546,6 @@ class Results(_Base):
     last_ts: float = 0.0
 
     CHECKS: ClassVar[tuple[tuple[str, _Check], ...]] = (
-        *_BASE_CHECKS,
-        ("kind", _literal("results")),
         ("device_id", _IDENT),
         ("seq", _SEQ),
         ("model_version", _OPT_TEXT),
@@ -558,6 +557,7 @@ class Results(_Base):
     )
 
 
+@_message
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Fetch(_Base):
     """A device's repair request: the chunks it holds, as a bitmap, and how many it can take now."""
@@ -571,8 +571,6 @@ class Fetch(_Base):
     window: int = 8
 
     CHECKS: ClassVar[tuple[tuple[str, _Check], ...]] = (
-        *_BASE_CHECKS,
-        ("kind", _literal("fetch")),
         ("device_id", _IDENT),
         ("seq", _SEQ),
         ("sha256", _SHA256),
@@ -582,6 +580,7 @@ class Fetch(_Base):
     )
 
 
+@_message
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Shadow(_Base):
     """How often a candidate model, run beside the active one, agreed with it."""
@@ -595,8 +594,6 @@ class Shadow(_Base):
     agreed: int
 
     CHECKS: ClassVar[tuple[tuple[str, _Check], ...]] = (
-        *_BASE_CHECKS,
-        ("kind", _literal("shadow")),
         ("device_id", _IDENT),
         ("seq", _SEQ),
         ("rollout_id", _IDENT),
