@@ -7,11 +7,15 @@ entry can ask for numpy's version before numpy is imported.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import sys
 
 
+# Cached: a birth on every reconnect asks again, and a version installed under a running process
+# is not the one it runs anyway.
+@functools.cache
 def installed_version(dist: str) -> str | None:
     """The version of the installed distribution `dist` (a wheel's or an editable install's), or None.
 

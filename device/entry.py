@@ -133,8 +133,12 @@ def defer_submodules(package: str, children: tuple[str, ...]) -> list[ModuleType
     touch: the import binds the stand-in instead.  Not for a package that imports a child lazily
     from its own module ``__getattr__`` (numpy 2 does, for these): there the stand-in is never
     bound as an attribute and that ``__getattr__`` would recurse.  Nothing happens when the package
-    is already imported or is not installed.
+    is already imported or is not installed.  Unlike ``defer_import`` this places stand-ins under a
+    parent not yet imported, which is safe only for children of a top-level package: importing
+    ``package.child`` always runs ``package`` itself first.
     """
+    if "." in package:
+        raise ValueError(f"{package!r} is not a top-level package")
     if package in sys.modules:
         return []
     top = importlib.util.find_spec(package)
