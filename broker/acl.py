@@ -8,9 +8,10 @@ broker and Mosquitto take the same decisions.
     device   publish    fleetbus/v1/dev/{own id}/{birth,death,state,health,results,fetch,shadow}
              subscribe  fleetbus/v1/cmd/dev/{own id}         fleetbus/v1/desired/dev/{own id}
                         fleetbus/v1/cmd/grp/{each group}     fleetbus/v1/desired/grp/{each group}
+                        fleetbus/v1/push/{each group}/+/+
                         fleetbus/v1/blob/+/+                 fleetbus/v1/repair/{own id}/#
                         fleetbus/v1/manifest/+
-    operator publish    fleetbus/v1/{cmd,desired,manifest,blob,repair,agg}/#
+    operator publish    fleetbus/v1/{cmd,desired,manifest,blob,push,repair,agg}/#
              subscribe  fleetbus/v1/#
     reader   publish    nothing
              subscribe  fleetbus/v1/dev/#   fleetbus/v1/agg/#   fleetbus/v1/manifest/#
@@ -38,7 +39,7 @@ ROLES = ("device", "operator", "reader")
 SHARE_PREFIX = "$share/"
 
 # The operator publishes into every branch a device receives from, plus aggregates; never into dev/.
-_OPERATOR_PUBLISH_BRANCHES = ("cmd", "desired", "manifest", "blob", "repair", "agg")
+_OPERATOR_PUBLISH_BRANCHES = ("cmd", "desired", "manifest", "blob", "push", "repair", "agg")
 _READER_SUBSCRIBE_BRANCHES = ("dev", "agg", "manifest")
 
 
@@ -65,6 +66,7 @@ def rules(role: str, principal_id: str, groups: tuple[str, ...], action: Action)
             topics.device_desired(principal_id),
             *(topics.group_cmd(g) for g in groups),
             *(topics.group_desired(g) for g in groups),
+            *(topics.push_filter(g) for g in groups),
             f"{p}/blob/+/+",
             topics.repair_filter(principal_id),
             f"{p}/manifest/+",

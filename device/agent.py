@@ -22,7 +22,7 @@ import msgpack
 import structlog
 
 from device import shadow
-from device.chunks import Outcome
+from device.chunks import Outcome, set_bit
 from device.config import Settings
 from device.dist import installed_version
 from device.errors import ConfigError, DeviceError, ModelLoadError, StoreError
@@ -84,6 +84,7 @@ PROGRESS_EVERY_S = 1.0
 #: The credit a fetch gives is capped in bytes as well as in chunks: a slow board's inbox holds at
 #: most a window, and 64 chunks of 256 KiB would be 16 MiB of it.
 FETCH_WINDOW_BYTES = 4 * 1024 * 1024
+_CHUNK_KINDS = ("blob", "push", "repair")
 
 
 def agent_version() -> str:
@@ -135,6 +136,11 @@ class Agent:
         self._pacer = FetchPacer(tr.window, tr.fetch_timeout_s, tr.fetch_backoff_max_s, settle_s=tr.settle_s)
         self._blob_filter: str | None = None
         self._early_blob: str | None = None  # subscribed while the deploy naming it is checked
+        self._push_offer = 0  # chunks the live deploy being accepted says are pushed after it
+        # Pushed chunks not yet stored: the fetch claims them as held so the server does not send
+        # them again while they are on their way (dropped when a fetch timeout says they are lost).
+        self._pushed: set[int] = set()
+        self._dropped_pushes: set[tuple[str, int]] = set()  # pushed chunks that beat their deploy
         self._next_health = 0.0
         self._ops: list[str] | None = None
         source = source or make_source(settings.inference.source)
@@ -596,6 +602,8 @@ class Agent:
         d, groups = self.device_id, self.settings.device.groups
         subs = [topics.device_desired(d), topics.device_cmd(d), topics.repair_filter(d)]
         subs += [topics.group_desired(g) for g in groups] + [topics.group_cmd(g) for g in groups]
+        if self.settings.transfer.accept_push:
+            subs += [topics.push_filter(g) for g in groups]
         if self._blob_filter:
             subs.append(self._blob_filter)
         return subs
@@ -609,12 +617,13 @@ class Agent:
                 self._topic(topics.DeviceStream.STATE), self._last_state_msg, qos=1, retain=True
             )
         if self._staging is not None:
+            self._pushed.clear()  # a push is never repeated: what the last session missed is fetched
             self._pacer.start()
             self._send_fetch()
 
     # --- messages -----------------------------------------------------------------------------
 
-    def _on_message(self, topic: str, payload: bytes) -> None:
+    def _on_message(self, topic: str, payload: bytes, retained: bool = False) -> None:
         try:
             where = topics.parse(topic)
         except TopicError as exc:
@@ -624,14 +633,14 @@ class Agent:
             # amqtt replays other clients' retained messages on connect; not ours to act on.
             self.counters.inc("foreign_messages")
             return
-        if where.kind in ("blob", "repair") and self._skip_chunk(where):
+        if where.kind in _CHUNK_KINDS and self._skip_chunk(where):
             return
         try:
             msg = decode(payload)
         except DecodeError as exc:
             self._error("decode_errors", str(exc), topic=topic)
             return
-        if where.kind in ("blob", "repair"):
+        if where.kind in _CHUNK_KINDS:
             if not isinstance(msg, Chunk):
                 self._error("unexpected_kinds", f"{msg.kind} on a chunk topic", topic=topic)
                 return
@@ -643,7 +652,8 @@ class Agent:
             if not isinstance(msg, Deploy):
                 self._error("unexpected_kinds", f"{msg.kind} on a desired topic", topic=topic)
                 return
-            self._on_deploy(msg, payload)
+            # A retained copy is a replay (a reconnect, a late subscriber): nothing is pushed after it.
+            self._on_deploy(msg, payload, live=not retained)
         elif isinstance(msg, Rebirth):
             self._publish_birth()
         elif isinstance(msg, Cancel):
@@ -663,6 +673,11 @@ class Agent:
         st, m = self._staging, self.manifest
         if st is None or m is None or where.sha256 != m.model_sha256:
             self.counters.inc("unexpected_chunks")
+            if where.kind != "blob" and where.sha256 is not None and where.index is not None:
+                # amqtt may let a pushed chunk overtake its deploy: remember it is not coming.
+                if len(self._dropped_pushes) >= 4096:
+                    self._dropped_pushes.clear()
+                self._dropped_pushes.add((where.sha256, where.index))
             return True
         if where.index is not None and st.book.has(where.index):
             self.counters.inc("chunks_received")
@@ -674,7 +689,7 @@ class Agent:
         groups = self.settings.device.groups
         if where.kind in ("desired_dev", "cmd_dev", "repair"):
             return where.device == self.device_id
-        if where.kind in ("desired_grp", "cmd_grp"):
+        if where.kind in ("desired_grp", "cmd_grp", "push"):
             return where.group in groups
         return where.kind == "blob"
 
@@ -683,7 +698,7 @@ class Agent:
             self._pinned_keys = pin_keys(self._keys)
         return self._pinned_keys
 
-    def _on_deploy(self, deploy: Deploy, payload: bytes) -> None:
+    def _on_deploy(self, deploy: Deploy, payload: bytes, live: bool = False) -> None:
         if deploy.rollout_id == self.state.rollout_id and payload == self.store.load_deploy():
             self.counters.inc("repeated_deploys")  # the retained deploy again, after a reconnect
             return
@@ -692,12 +707,14 @@ class Agent:
         # by then is repaired chunk by chunk.  Chunks wait in the queue until this call has opened
         # the staging file of the verified manifest; nothing is kept from them otherwise.
         early = self._subscribe_early(deploy)
+        self._push_offer = deploy.pushed if live and self.settings.transfer.accept_push else 0
         try:
             self._accept_deploy(deploy, payload)
         finally:
             if early is not None and early != self._blob_filter:
                 self.link.unsubscribe(early)  # this deploy did not lead to a download of that file
             self._early_blob = None
+            self._push_offer = 0
 
     def _subscribe_early(self, deploy: Deploy) -> str | None:
         try:
@@ -756,8 +773,19 @@ class Agent:
         self._pacer.window = self._window(m)
         self._pacer.start()
         self._last_percent = st_percent = self._staging.book.percent
-        self._last_progress = time.monotonic()
-        self._send_fetch()
+        self._last_progress = now = time.monotonic()
+        book, sha = self._staging.book, m.model_sha256
+        self._pushed = {
+            i
+            for i in range(min(self._push_offer, book.count))
+            if not book.has(i) and (sha, i) not in self._dropped_pushes
+        }
+        self._dropped_pushes.clear()
+        if self._pushed:
+            self.counters.inc("pushes_awaited")
+            self._pacer.expect(now, len(self._pushed))  # the first window is already on its way
+        else:
+            self._send_fetch()
         if st_percent:
             self._report(percent=st_percent)  # a resumed download says how far it already is
         return None
@@ -772,6 +800,7 @@ class Agent:
         if self._blob_filter is not None:
             self.link.unsubscribe(self._blob_filter)
             self._blob_filter = None
+        self._pushed.clear()
         self._pacer.stop()
 
     def _send_fetch(self) -> None:
@@ -781,12 +810,18 @@ class Agent:
         # No flush first: a bit the disk does not hold yet only makes the server skip a chunk that
         # a restarted agent then asks for again with the bitmap it persisted.
         window = self._window(self.manifest)
+        bitmap = st.book.bitmap
+        if self._pushed:
+            claimed = bytearray(bitmap)
+            for i in self._pushed:
+                set_bit(claimed, i)
+            bitmap = bytes(claimed)
         fetch = Fetch(
             device_id=self.device_id,
             seq=self._next_seq(),
             sha256=self.manifest.model_sha256,
             chunk_count=st.book.count,
-            bitmap=st.book.bitmap,
+            bitmap=bitmap,
             window=window,
         )
         self.link.publish(self._topic(topics.DeviceStream.FETCH), encode(fetch), qos=1)
@@ -811,11 +846,13 @@ class Agent:
             self.counters.inc("duplicate_chunks")
             return
         self.counters.inc("chunks_stored")
+        self._pushed.discard(chunk.index)
         crash_point(f"chunk:{st.book.held}")
         if st.book.complete:
             self._feed(Event.COMPLETE)
             return
-        if self._pacer.stored(time.monotonic(), self._events.qsize()):
+        ask = self._pacer.stored(time.monotonic(), self._events.qsize())
+        if ask and st.book.count - st.book.held > len(self._pushed):
             self._send_fetch()  # half the window is in and the inbox is read: ask for the next one
         self._report_progress()
 
@@ -846,6 +883,7 @@ class Agent:
             return
         if self._staging is not None and self._pacer.tick(now, self._events.qsize()):
             self.counters.inc("fetch_retries")
+            self._pushed.clear()  # a push is sent once, right after its deploy: silence means lost
             self._send_fetch()
         if now >= self._next_health:
             self._next_health = now + self.settings.health.interval_s

@@ -33,6 +33,7 @@
     fetch_backoff_max_s = 30.0
     settle_s = 0.25                # a pause this long in a flowing download asks for the rest now
     fsync_every = 8                # chunks written between fsyncs of the staging file
+    accept_push = true             # take the first chunks pushed with a live deploy (no fetch round trip)
 
     [gate]
     latency_runs = 5               # invokes whose median is held against the latency budget
@@ -109,6 +110,7 @@ class TransferSection:
     fetch_backoff_max_s: float = 30.0
     settle_s: float = 0.25
     fsync_every: int = 8
+    accept_push: bool = True
 
 
 @dataclass(frozen=True)

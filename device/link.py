@@ -1,7 +1,7 @@
 """The agent's MQTT link: one paho client, reconnecting on its own, feeding a queue.
 
-Everything that arrives is put on the agent's event queue as it is (topic, payload); the agent's
-single main thread does all the work, so no protocol state is shared with paho's thread.  Before
+Everything that arrives is put on the agent's event queue as it is (topic, payload, retain flag);
+the agent's single main thread does all the work, so no protocol state is shared with paho's thread.  Before
 every (re)connect the link asks the agent for a fresh Last Will (Sparkplug: the death certificate
 carries the bdseq of the birth that follows), and after every connect it posts a ``connected``
 event so the agent publishes its birth, resubscribes and resends its bitmap.
@@ -107,4 +107,4 @@ class Link:
         self._events.put(("disconnected", str(reason)))
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        self._events.put(("message", (msg.topic, msg.payload)))
+        self._events.put(("message", (msg.topic, msg.payload, bool(msg.retain))))

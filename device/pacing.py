@@ -15,6 +15,9 @@ the pacer answers "send a fetch now" or not.
   has ended short of half a window: a device that joined a broadcast mid-way, or lost a chunk, asks
   for the rest then instead of waiting out the full timeout.  An early ask costs one small fetch:
   the server skips chunks still on their way.
+- Chunks pushed with a live deploy (docs/protocol.md) are the answer to a fetch the device never
+  sent: ``expect`` waits for them exactly as ``sent`` waits for a fetch's answer, with half of the
+  pushed chunks, not half a window, as the point to ask for more.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ class FetchPacer:
         self._jitter = jitter
         self.attempt = 0  # fetches sent since the last chunk arrived
         self.since_fetch = 0  # chunks stored since the last fetch
+        self.asked = window  # chunks the last fetch (or push) brings
         self.due = 0.0  # when silence becomes a retry; 0 when idle
 
     def delay(self) -> float:
@@ -56,13 +60,19 @@ class FetchPacer:
     def sent(self, now: float) -> None:
         """A fetch went out."""
         self.since_fetch = 0
+        self.asked = self.window
         self.due = now + self.delay()
+
+    def expect(self, now: float, count: int) -> None:
+        """``count`` chunks are on their way unasked (a push): wait for them as for a fetch's answer."""
+        self.sent(now)
+        self.asked = max(1, min(count, self.window))
 
     def stored(self, now: float, backlog: int) -> bool:
         """A new chunk was stored; True when the next fetch should go out now."""
         self.attempt = 0
         self.since_fetch += 1
-        if self.since_fetch * 2 >= self.window and backlog <= self.window // 2:
+        if self.since_fetch * 2 >= self.asked and backlog <= self.window // 2:
             return True
         self.due = now + self.settle_s * (1.0 + 0.25 * self._jitter())
         return False

@@ -9,6 +9,10 @@ after planning is never sent.
 Encoded chunk messages are kept (up to ``cache_bytes`` per shell), and ``serve()`` encodes a file's
 chunks up front: the first window then goes out at the broker's pace, not at the pace of reading,
 hashing and encoding each chunk between publishes, and a repair or rebroadcast costs no read.
+
+``push()`` sends a file's first chunks unasked, right after a live deploy on the same connection
+(docs/protocol.md, "The first window rides with the deploy"); the server's bookkeeping does not see
+them: the devices that take them claim them in their fetches until they land.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -75,6 +80,7 @@ class ShellCounters:
     publish_errors: int = 0
     tick_errors: int = 0
     bytes_sent: int = 0
+    pushed: int = 0  # chunks sent unasked after a deploy
     verdicts: dict[str, int] = field(default_factory=dict)
 
 
@@ -132,6 +138,20 @@ class ChunkShell:
             served.encoded[index] = payload
             kept += len(payload)
         return kept
+
+    def push(self, sha256: str, topic: Callable[[int], str], count: int) -> int:
+        """Publish chunks ``0..count-1`` of a served file on ``topic(index)``; returns how many went out."""
+        with self._lock:
+            served = self._files.get(sha256)
+        if served is None:
+            return 0
+        sent = 0
+        for index in range(min(count, served.manifest.chunk_count)):
+            if not self._publish_to(served, index, topic(index)):
+                break  # the devices fetch what a push did not bring
+            self.counters.pushed += 1
+            sent += 1
+        return sent
 
     def withdraw(self, sha256: str) -> None:
         with self._lock:
@@ -219,22 +239,23 @@ class ChunkShell:
 
     def _publish(self, files: dict[str, _ServedFile], send: Send) -> bool:
         served = files.get(send.sha256)
-        if served is None:
-            return False
+        return served is not None and self._publish_to(served, send.index, send.topic)
+
+    def _publish_to(self, served: _ServedFile, index: int, topic: str) -> bool:
         try:
-            payload = served.message(send.index)
+            payload = served.message(index)
         except (PlanError, OSError, ValueError) as exc:
             self.counters.read_errors += 1
-            log.error("chunk not sent", sha256=send.sha256[:12], index=send.index, error=str(exc))
+            log.error("chunk not sent", sha256=served.manifest.model_sha256[:12], index=index, error=str(exc))
             return False
         try:
-            self.bus.publish(send.topic, payload, qos=1)
+            self.bus.publish(topic, payload, qos=1)
         except BusError as exc:
             # The device's fetch timeout asks again; the chunk is not lost for good.
             self.counters.publish_errors += 1
-            log.warning("chunk publish failed", topic=send.topic, error=str(exc))
+            log.warning("chunk publish failed", topic=topic, error=str(exc))
             return False
-        self.counters.bytes_sent += _chunk_length(served.manifest, send.index)
+        self.counters.bytes_sent += _chunk_length(served.manifest, index)
         return True
 
 

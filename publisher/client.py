@@ -14,6 +14,7 @@ staged-rollout design, docs/rollouts.md).
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
@@ -40,6 +41,18 @@ log = structlog.get_logger("publisher.client")
 ProgressCallback = Callable[[RolloutProgress], None]
 # Retained births arrive right after the SUBACK; give them a moment before group membership counts.
 RETAINED_SETTLE_S = 0.3
+# The first chunks of a file follow each live deploy unasked, so a device does not wait a fetch's
+# round trip for them (docs/protocol.md).  Devices take this much unasked (at most: a window is 4 MiB).
+PUSH_BYTES = 1024 * 1024
+# One push per target crosses the broker: a group costs one, but each device target costs its own.
+# Beyond this many device targets they fetch, and the first fetch starts one broadcast for all.
+MAX_PUSHED_DEVICES = 8
+
+
+def push_count(manifest: Manifest, push_bytes: int = PUSH_BYTES) -> int:
+    """How many of the file's first chunks fit in ``push_bytes`` (0: no push)."""
+    return min(manifest.chunk_count, max(0, push_bytes) // manifest.chunk_size)
+
 
 __all__ = ["BrokerAddress", "Publisher", "RolloutResult", "Targets"]
 
@@ -145,10 +158,33 @@ class Publisher:
         if not targets:
             raise ConfigError("a rollout needs at least one target: --to DEVICE or --group GROUP")
         self.chunks.serve(Path(model), manifest)
+        return self.announce(manifest, targets)
+
+    def announce(self, manifest: Manifest, targets: Targets, push_bytes: int = PUSH_BYTES) -> Deploy:
+        """Publish the signed deploy retained to every target, each followed by the first chunks.
+
+        The file must be served already (``publish`` does both).  Deploy and chunks go out on this one
+        connection, so a broker forwards the deploy to a member first; a device that gets the deploy
+        later, retained, fetches instead.
+        """
+        sha = manifest.model_sha256
         deploy = sign(manifest, self._key, self._key_id)
-        payload = encode(deploy)
+        count = push_count(manifest, push_bytes)
+        plain = encode(deploy)
+        with_push = encode(deploy.model_copy(update={"pushed": count})) if count else plain
+        pushed_devices = targets.devices if len(targets.devices) <= MAX_PUSHED_DEVICES else ()
         infos = [self.bus.publish(topics.manifest(manifest.rollout_id), encode(manifest), qos=1, retain=True)]
-        infos += [self.bus.publish(t, payload, qos=1, retain=True) for t in targets.desired_topics()]
+        sent = 0
+        for device in targets.devices:
+            push = count > 0 and device in pushed_devices
+            payload = with_push if push else plain
+            infos.append(self.bus.publish(topics.device_desired(device), payload, qos=1, retain=True))
+            if push:
+                sent += self.chunks.push(sha, functools.partial(topics.repair, device, sha), count)
+        for group in targets.groups:
+            infos.append(self.bus.publish(topics.group_desired(group), with_push, qos=1, retain=True))
+            if count:
+                sent += self.chunks.push(sha, functools.partial(topics.push, group, sha), count)
         self.bus.wait_published(infos)
         log.info(
             "rollout published",
@@ -157,6 +193,7 @@ class Publisher:
             targets=str(targets),
             size=manifest.size,
             chunks=manifest.chunk_count,
+            pushed=sent,
         )
         return deploy
 
@@ -197,7 +234,7 @@ class Publisher:
     ) -> RolloutResult:
         """Plan, publish and follow one rollout; returns per-device outcomes (never raises on failure)."""
         started = time.monotonic()
-        before = self.chunks.server.counters.as_dict()
+        before = self._chunk_counts()
         manifest = self.plan(model, version, options, rollout_id)
         progress = RolloutProgress(manifest.rollout_id, targets)
         with self._lock:
@@ -225,9 +262,12 @@ class Publisher:
             outcomes=dict(progress.outcomes),
             elapsed_s=time.monotonic() - started,
             timed_out=not finished,
-            chunks={k: v - before.get(k, 0) for k, v in self.chunks.server.counters.as_dict().items()},
+            chunks={k: v - before.get(k, 0) for k, v in self._chunk_counts().items()},
             strays=progress.strays,
         )
+
+    def _chunk_counts(self) -> dict[str, int]:
+        return {**self.chunks.server.counters.as_dict(), "pushed": self.chunks.counters.pushed}
 
     # --- network thread ----------------------------------------------------------------------------
 

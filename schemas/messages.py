@@ -141,6 +141,10 @@ class Deploy(_Base):
     manifest: bytes
     signature: bytes
     key_id: str = Field(min_length=1, max_length=64)
+    # Chunks 0..pushed-1 follow this deploy on push/{group}/{sha}/{i} when it reaches a member live
+    # (retain flag 0): that member waits for them instead of fetching.  Outside the signature: a
+    # forged count can only delay the member's first fetch by its fetch timeout.
+    pushed: int = Field(default=0, ge=0)
 
 
 class Chunk(_Base):

@@ -367,12 +367,14 @@ class Deploy(_Base):
     manifest: bytes
     signature: bytes
     key_id: str
+    pushed: int = 0
 
     CHECKS: ClassVar[tuple[tuple[str, _Check], ...]] = (
         ("rollout_id", _IDENT),
         ("manifest", _bytes),
         ("signature", _bytes),
         ("key_id", _str(1, 64)),
+        ("pushed", _int(ge=0)),
     )
 
 

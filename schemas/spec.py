@@ -71,6 +71,15 @@ _CHANNELS: list[tuple[str, str, list[str], list[str], str, bool, str]] = [
         "A model chunk sent once to every device fetching that file.",
     ),
     (
+        "pushChunk",
+        "push/{group}/{sha256}/{index}",
+        ["group", "sha256", "index"],
+        ["chunk"],
+        "send",
+        False,
+        "The first chunks of a file, sent to a group right after its deploy (live members only).",
+    ),
+    (
         "repairChunk",
         "repair/{device}/{sha256}/{index}",
         ["device", "sha256", "index"],

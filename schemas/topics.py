@@ -9,6 +9,8 @@ The tree splits by direction so that access rules are prefixes (broker/acl.py):
       desired/grp/{group}         operator -> a group: retained deploy
       manifest/{rollout}          operator -> backends: retained signed manifest of a rollout
       blob/{sha256}/{index}       operator -> fleet: one chunk, sent once for every device
+      push/{group}/{sha256}/{index}
+                                  operator -> a group: the first chunks of a live group deploy
       repair/{device}/{sha256}/{index}
                                   operator -> one device: a chunk that device asked for again
       dev/{device}/{stream}       device -> world: birth, death, state, health, results, fetch, shadow
@@ -122,6 +124,15 @@ def blob_filter(sha256: str) -> str:
     return f"{PREFIX}/blob/{validate_sha(sha256)}/+"
 
 
+def push(group: str, sha256: str, index: int) -> str:
+    return f"{PREFIX}/push/{validate_id(group, 'group')}/{validate_sha(sha256)}/{_index(index)}"
+
+
+def push_filter(group: str) -> str:
+    """Every chunk pushed to ``group`` (a member's standing subscription)."""
+    return f"{PREFIX}/push/{validate_id(group, 'group')}/+/+"
+
+
 def repair(device: str, sha256: str, index: int) -> str:
     return f"{PREFIX}/repair/{validate_id(device)}/{validate_sha(sha256)}/{_index(index)}"
 
@@ -184,7 +195,8 @@ def shared(group: str, topic_filter: str) -> str:
 class Topic:
     """A parsed fleetbus topic. ``kind`` names the branch; unused fields are None."""
 
-    # cmd_dev cmd_grp desired_dev desired_grp manifest blob repair dev agg rollout_control rollout_status
+    # cmd_dev cmd_grp desired_dev desired_grp manifest blob push repair dev agg rollout_control
+    # rollout_status
     kind: str
     device: str | None = None
     group: str | None = None
@@ -209,6 +221,8 @@ class Topic:
                 return manifest(_req(self.rollout))
             case "blob":
                 return blob(_req(self.sha256), _req(self.index))
+            case "push":
+                return push(_req(self.group), _req(self.sha256), _req(self.index))
             case "repair":
                 return repair(_req(self.device), _req(self.sha256), _req(self.index))
             case "dev":
@@ -261,6 +275,13 @@ def parse(topic: str) -> Topic:
             return Topic("manifest", rollout=validate_id(rest[1], "rollout id"))
         if head == "blob" and n == 3:
             return Topic("blob", sha256=validate_sha(rest[1]), index=_parse_index(rest[2], topic))
+        if head == "push" and n == 4:
+            return Topic(
+                "push",
+                group=validate_id(rest[1], "group"),
+                sha256=validate_sha(rest[2]),
+                index=_parse_index(rest[3], topic),
+            )
         if head == "repair" and n == 4:
             return Topic(
                 "repair",

@@ -16,7 +16,7 @@ SHA = "ab" * 32
 ids = st.from_regex(re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,15}"), fullmatch=True)
 levels = st.one_of(
     st.sampled_from(
-        ["fleetbus", "v1", "dev", "cmd", "desired", "grp", "blob", "repair", "agg", "manifest", SHA]
+        ["fleetbus", "v1", "dev", "cmd", "desired", "grp", "blob", "push", "repair", "agg", "manifest", SHA]
     ),
     st.sampled_from([s.value for s in DeviceStream]),
     ids,
@@ -44,6 +44,7 @@ def test_device_publishes_each_of_its_own_streams(stream: DeviceStream) -> None:
         topics.group_desired("g1"),
         topics.manifest("r1"),
         topics.blob(SHA, 0),
+        topics.push("g1", SHA, 0),
         topics.repair("d1", SHA, 0),
         topics.aggregate(topics.AggregateScope.FLEET),
         "fleetbus/v1/dev/d1/state/extra",
@@ -69,6 +70,11 @@ def test_device_cannot_publish_outside_its_subtree(topic: str) -> None:
         (topics.blob_filter(SHA), True),
         (topics.blob(SHA, 7), True),
         ("fleetbus/v1/blob/+/+", True),
+        (topics.push_filter("g1"), True),
+        (topics.push("g1", SHA, 3), True),
+        (topics.push_filter("g2"), False),
+        ("fleetbus/v1/push/+/+/+", False),
+        ("fleetbus/v1/push/#", False),
         (topics.repair_filter("d1"), True),
         (f"fleetbus/v1/repair/d1/{SHA}/+", True),
         ("fleetbus/v1/repair/d1", True),
@@ -109,6 +115,7 @@ def test_device_subscriptions(topic_filter: str, allowed: bool) -> None:
         ("publish", topics.group_desired("g9"), True),
         ("publish", topics.manifest("r1"), True),
         ("publish", topics.blob(SHA, 3), True),
+        ("publish", topics.push("g1", SHA, 3), True),
         ("publish", topics.repair("d1", SHA, 3), True),
         ("publish", topics.aggregate(topics.AggregateScope.GROUP, "g1"), True),
         ("publish", topics.device_stream("d1", DeviceStream.STATE), False),

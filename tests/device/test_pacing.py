@@ -18,6 +18,19 @@ def test_next_fetch_goes_out_when_half_the_window_is_stored() -> None:
     assert [p.stored(0.1 * i, backlog=0) for i in range(1, 5)] == [False, False, False, True]
 
 
+def test_a_push_is_waited_for_like_a_fetch_of_that_many_chunks() -> None:
+    """Four pushed chunks: the 2nd stored asks for more; silence after the push retries at the timeout."""
+    p = pacer()
+    p.expect(0.0, 4)
+    assert [p.stored(0.1 * i, backlog=0) for i in range(1, 3)] == [False, True]
+    p = pacer()
+    p.expect(0.0, 4)
+    assert not p.tick(0.9, backlog=0)
+    assert p.tick(1.0, backlog=0)
+    p.sent(1.0)  # a real fetch asks for a whole window again
+    assert [p.stored(1.0 + 0.1 * i, backlog=0) for i in range(1, 5)] == [False, False, False, True]
+
+
 def test_a_backlog_holds_the_next_fetch() -> None:
     """While more than half a window sits unread in the inbox, no new fetch is asked for."""
     p = pacer()

@@ -24,7 +24,7 @@ from publisher.modelgen import ModelSpec, write_model
 from publisher.progress import Targets
 from schemas import topics
 from schemas.codec import decode
-from schemas.messages import ExecStatus
+from schemas.messages import ExecStatus, Health
 from schemas.signing import write_keypair
 from tests.broker.conftest import FAST_HASHER, Client, start_amqtt, start_mosquitto
 from tests.helpers import free_port
@@ -100,10 +100,14 @@ def test_authenticated_rollout_commits_everywhere(kind: str, tmp_path: Path) -> 
         assert reader.connect() == 0
         assert reader.subscribe(topics.device_stream_filter()) < 0x80
         fleet = Fleet()
+        counters: dict[str, dict[str, int]] = {}
 
         def drain() -> Fleet:
             while not reader.messages.empty():
-                fleet.apply(decode(reader.messages.get_nowait().payload), 0.0)
+                message = decode(reader.messages.get_nowait().payload)
+                if isinstance(message, Health):
+                    counters[message.device_id] = message.counters
+                fleet.apply(message, 0.0)
             return fleet
 
         try:
@@ -112,7 +116,9 @@ def test_authenticated_rollout_commits_everywhere(kind: str, tmp_path: Path) -> 
                 address = BrokerAddress(port=port, username="ops", password=ops_password)
                 with Publisher(address, private) as pub:
                     result = pub.push(model, "4.2.0", Targets(groups=("line",)), timeout=90)
+                    pushed = pub.chunks.counters.pushed
                 assert result.ok, result.as_dict()
+                assert pushed == result.manifest.chunk_count == 3  # one push to the group, not one per device
                 for home in homes.values():
                     active = home / "state" / "models" / "active.tflite"
                     assert hashlib.sha256(active.read_bytes()).hexdigest() == result.manifest.model_sha256
@@ -128,5 +134,12 @@ def test_authenticated_rollout_commits_everywhere(kind: str, tmp_path: Path) -> 
                     )
 
                 wait_until(results_from_new_model, 30, "SUCCEEDED and results from 4.2.0 on both agents")
+
+                # Both took the pushed chunks through this broker's ACL instead of asking for them.
+                def took_the_push() -> bool:
+                    drain()
+                    return all(counters.get(d, {}).get("pushes_awaited") == 1 for d in DEVICES)
+
+                wait_until(took_the_push, 10, "health showing the push awaited on both agents")
         finally:
             reader.close()

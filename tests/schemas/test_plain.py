@@ -177,7 +177,8 @@ VALID: dict[str, st.SearchStrategy[BaseModel]] = {
         },
     ),
     "deploy": _kind(
-        messages.Deploy, {"rollout_id": _ident, "manifest": _blob, "signature": _blob, "key_id": _short}
+        messages.Deploy,
+        {"rollout_id": _ident, "manifest": _blob, "signature": _blob, "key_id": _short, "pushed": _u},
     ),
     "chunk": _kind(messages.Chunk, {"sha256": _sha, "index": _u, "data": _blob}),
     "rebirth": _kind(messages.Rebirth, {}),
@@ -355,6 +356,7 @@ BAD: list[tuple[str, str, object]] = [
     ("fetch", "window", 0),
     ("fetch", "window", 1025),
     ("shadow", "samples", -1),
+    ("deploy", "pushed", -1),
     ("health", "seq", -1),
     # min / max length
     ("manifest", "version", ""),

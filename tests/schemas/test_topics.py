@@ -28,6 +28,7 @@ def test_every_builder_round_trips_through_the_parser(
         topics.group_desired(group),
         topics.manifest(rollout),
         topics.blob(sha, index),
+        topics.push(group, sha, index),
         topics.repair(device, sha, index),
         topics.device_stream(device, stream),
         topics.aggregate(topics.AggregateScope.FLEET),
@@ -46,6 +47,8 @@ def test_parser_extracts_fields() -> None:
     assert topics.parse(topics.repair("dev-1", sha, 7)) == topics.Topic(
         "repair", device="dev-1", sha256=sha, index=7
     )
+    assert topics.parse(topics.push("g-1", sha, 3)) == topics.Topic("push", group="g-1", sha256=sha, index=3)
+    assert topics.matches(topics.push_filter("g-1"), topics.push("g-1", sha, 3))
     parsed = topics.parse(topics.device_stream("d.2", topics.DeviceStream.HEALTH))
     assert (parsed.device, parsed.stream) == ("d.2", topics.DeviceStream.HEALTH)
 
