@@ -421,10 +421,12 @@ class Agent:
 
     def _activate(self, m: Manifest) -> _Next:
         part, bitmap = self.store.staging_paths(m.model_sha256)
-        if self.store.active_sha256() != m.model_sha256:
-            if not part.exists():
-                return Event.ERROR, "the staged file vanished before activation"
+        # The rename moves the staged file away, so a staged file still there is not active yet; only
+        # a resume after the rename has to hash the active slot to know it holds the target.
+        if part.exists():
             self.store.activate(part)
+        elif self.store.active_sha256() != m.model_sha256:
+            return Event.ERROR, "the staged file vanished before activation"
         with contextlib.suppress(FileNotFoundError):
             bitmap.unlink()
         model, self._candidate = self._candidate, None
