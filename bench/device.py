@@ -10,8 +10,12 @@
               agents' own clock, as the raw baseline is timed by its subscribers'; the same by the
               agents' reports (one broker hop later); and to every agent reporting SUCCEEDED (also
               the commit gate and the swap).  Agents run in one worker process as threads (100
-              processes would measure the machine, not the protocol); the chunk server is the
-              publisher's ChunkShell.
+              processes would measure the machine, not the protocol); the rollout goes out as
+              `fleetbus rollout` sends it (Publisher.announce: deploy, then the first chunks pushed)
+              and the publisher's ChunkShell serves the rest.  A second baseline, the floor, is the
+              raw subscribers doing only the per-byte work no agent may skip (SHA-256 of each chunk,
+              a write, an fdatasync at the end): on this one machine it says how much of a ratio is
+              the machine's and how much the agent's.
 2. memory     steady-state VmRSS of a `fleetbus device run` process serving a model, per Python
               given (a venv with LiteRT or with tflite-runtime), against a bare `python -c pass`;
               then again once it has committed a signed 1 MB rollout (what that imports stays).
@@ -180,6 +184,7 @@ class StateWatch:
 
 
 TRANSFER = {"window": 64, "fetch_timeout_s": 2.0, "fsync_every": 16}
+PUSH_BYTES = [1024 * 1024]  # --push-kib: what Publisher.announce pushes after the deploy (its default)
 STATE_ROOT: list[str | None] = [None]
 
 
@@ -199,10 +204,12 @@ def agent_settings(device: str, port: int, state: Path, pub: str, **inference: A
 # --- 1. delivery --------------------------------------------------------------------------------
 
 
-def raw_delivery(port: int, n: int, payloads: list[bytes]) -> float:
-    """Seconds for one paho publisher to get every payload to n paho subscribers (QoS 1)."""
+def raw_delivery(port: int, n: int, payloads: list[bytes], store_dir: Path | None = None) -> float:
+    """Seconds for one paho publisher to get every payload to n paho subscribers (QoS 1); with
+    ``store_dir``, to n subscribers that also hash, write and sync it (bench/fanout.py: the floor)."""
+    extra = [str(store_dir)] if store_dir is not None else []
     worker = subprocess.Popen(
-        [sys.executable, __file__, "_raw-worker", str(port), str(n), str(len(payloads))],
+        [sys.executable, __file__, "_raw-worker", str(port), str(n), str(len(payloads)), *extra],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
     )
@@ -272,16 +279,17 @@ def agent_worker(port: int, n: int, tag: str, root: Path, pub_hex: str) -> None:
 def agent_delivery(
     port: int, n: int, model: bytes, tmp: Path, tag: str
 ) -> tuple[float, float, float, dict[str, int]]:
-    """Seconds from a retained group deploy to n agents (one worker process) all holding the file
-    staged (every byte received, written and its SHA-256 verified) by the worker's clock, then by
-    their reports, and to all reporting SUCCEEDED."""
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    """Seconds from a group rollout published (``Publisher.announce``: the retained deploy, then the
+    first chunks pushed) to n agents (one worker process) all holding the file staged (every byte
+    received, written and its SHA-256 verified) by the worker's clock, then by their reports, and to
+    all reporting SUCCEEDED."""
+    from publisher.bus import BrokerAddress
+    from publisher.client import Publisher
+    from publisher.progress import Targets
+    from schemas.signing import write_keypair
 
-    from publisher.bus import BrokerAddress, Bus
-    from publisher.chunkshell import ChunkShell
-
-    priv_hex, pub_hex = generate_keypair()
-    private = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(priv_hex))
+    private, public = write_keypair(tmp / f"{tag}-keys")
+    pub_hex = public.read_text().strip()
     watch = StateWatch(port)
     births = threading.Semaphore(0)
     bc = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"births-{time.monotonic_ns()}")
@@ -315,26 +323,19 @@ def agent_delivery(
         path = tmp / f"{tag}.tflite"
         path.write_bytes(model)
         m = manifest_for(model, "1.0", f"bench-{tag}")
-        bus = Bus(BrokerAddress(port=port))
-        bus.connect()
-        shell = ChunkShell(bus)
-        shell.serve(path, m)
-        shell.start()
+        publisher = Publisher(BrokerAddress(port=port), private)
+        publisher.connect()
+        publisher.chunks.serve(path, m)  # read, hashed and encoded before the clock starts
         time.sleep(1.0)  # let the agents' first health and inference settle
-        op = paho(port, "operator")
-        deploy = sign(m, private, key_id(pub_hex))
         t0 = time.monotonic()
-        op.publish(topics.group_desired("bench"), encode(deploy), qos=1, retain=True)
+        publisher.announce(m, Targets(groups=("bench",)), push_bytes=PUSH_BYTES[0])
         t_staged = watch.wait(m.rollout_id, n, 600, staged=True)
         t1 = watch.wait(m.rollout_id, n, 600)
         assert worker.stdout is not None
         t_held = float(worker.stdout.readline())
-        counters = shell.server.counters.as_dict()
-        op.publish(topics.group_desired("bench"), b"", qos=1, retain=True).wait_for_publish(5)
-        shell.stop()
-        bus.close()
-        op.disconnect()
-        op.loop_stop()
+        counters = {**publisher.chunks.server.counters.as_dict(), "pushed": publisher.chunks.counters.pushed}
+        publisher.bus.publish(topics.group_desired("bench"), b"", qos=1, retain=True).wait_for_publish(5)
+        publisher.close()
     finally:
         assert worker.stdin is not None
         worker.stdin.close()
@@ -352,35 +353,40 @@ def bench_delivery(counts: list[int], size_mb: float) -> None:
     ]
     print(
         f"\n## delivery: {len(model) / 1e6:.2f} MB model, {m.chunk_count} chunks of {CHUNK[0] // 1024} KiB, "
-        f"amqtt in its own process; fetch window {TRANSFER['window']} chunks"
+        f"amqtt in its own process; fetch window {TRANSFER['window']} chunks, "
+        f"first {PUSH_BYTES[0] // 1024} KiB pushed with the deploy"
     )
     print(
-        "| agents | raw paho pub/sub (s) | agents: file staged and verified (s) | ratio "
+        "| agents | raw paho pub/sub (s) | floor: raw + SHA-256, write, fdatasync (s) | floor ratio "
+        "| agents: file staged and verified (s) | ratio | vs floor "
         "| the same, as reported (s) | ratio "
-        "| agents: SUCCEEDED, gate and swap done (s) | ratio | blob/repair chunks sent per run |"
+        "| agents: SUCCEEDED, gate and swap done (s) | ratio | pushed/blob/repair chunks sent per run |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     # Simulated devices share one disk: with --state-root on a tmpfs their fsyncs do not queue up in
     # one ext4 journal, as real devices' would not.
     with tempfile.TemporaryDirectory(dir=STATE_ROOT[0]) as td:
         for n in counts:
             reps = 3 if n < 50 else 1
-            raws, held, staged, agents, sent = [], [], [], [], []
-            for r in range(reps):  # alternate, so a busy moment on the machine hits both alike
+            raws, floors, held, staged, agents, sent = [], [], [], [], [], []
+            for r in range(reps):  # alternate, so a busy moment on the machine hits all alike
                 with amqtt_broker() as port:
                     raws.append(raw_delivery(port, n, payloads))
+                with amqtt_broker() as port, tempfile.TemporaryDirectory(dir=td) as store:
+                    floors.append(raw_delivery(port, n, payloads, Path(store)))
                 with amqtt_broker() as port:
                     at_held, at_staged, took, c = agent_delivery(port, n, model, Path(td), f"n{n}r{r}")
                     held.append(at_held)
                     staged.append(at_staged)
                     agents.append(took)
-                    sent.append(f"{c['blob_sent']}/{c['repair_sent']}")
-            raw, took = statistics.median(raws), statistics.median(agents)
+                    sent.append(f"{c['pushed']}/{c['blob_sent']}/{c['repair_sent']}")
+            raw, floor, took = statistics.median(raws), statistics.median(floors), statistics.median(agents)
             at_held, at_staged = statistics.median(held), statistics.median(staged)
             print(
-                f"| {n} | {raw:.3f} | {at_held:.3f} | {at_held / raw:.2f} "
-                f"| {at_staged:.3f} | {at_staged / raw:.2f} "
-                f"| {took:.3f} | {took / raw:.2f} | {', '.join(sent)} |"
+                f"| {n} | {raw:.4f} | {floor:.4f} | {floor / raw:.2f} "
+                f"| {at_held:.4f} | {at_held / raw:.2f} | {at_held / floor:.2f} "
+                f"| {at_staged:.4f} | {at_staged / raw:.2f} "
+                f"| {took:.4f} | {took / raw:.2f} | {', '.join(sent)} |"
             )
             sys.stdout.flush()
 
@@ -714,7 +720,8 @@ def bench_inference(iterations: int) -> None:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "_raw-worker":
-        raw_subscribers(int(argv[1]), int(argv[2]), "bench/raw/+", int(argv[3]))
+        store = argv[4] if len(argv) > 4 else None
+        raw_subscribers(int(argv[1]), int(argv[2]), "bench/raw/+", int(argv[3]), store_dir=store)
         return
     if argv and argv[0] == "_agent-worker":
         TRANSFER.update(json.loads(argv[6]))
@@ -731,8 +738,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--fsync-every", type=int, default=TRANSFER["fsync_every"])
     p.add_argument("--state-root", default=None, help="where the delivery bench's agents keep state")
     p.add_argument("--chunk-kib", type=int, default=CHUNK[0] // 1024, help="chunk size of the delivery bench")
+    p.add_argument(
+        "--push-kib", type=int, default=PUSH_BYTES[0] // 1024, help="pushed after the deploy (0: fetch all)"
+    )
     args = p.parse_args(argv)
     CHUNK[0] = args.chunk_kib * 1024
+    PUSH_BYTES[0] = args.push_kib * 1024
     TRANSFER.update(window=args.window, fsync_every=args.fsync_every)
     STATE_ROOT[0] = args.state_root
     run: dict[str, Callable[[], None]] = {

@@ -3,10 +3,16 @@
 Run by the benches as a worker process (``python bench/device.py _raw-worker ...``): it connects
 ``count`` paho clients, subscribes each to ``topic`` at QoS 1, prints ``ready`` once every SUBACK
 is in, then prints the monotonic time at which every client had received ``want`` messages.
+
+With ``store_dir`` each subscriber also does the per-byte work no agent may skip (the floor): it
+hashes every message with SHA-256, writes it at its offset in a file of its own, and fdatasyncs
+that file once it has them all.  On one machine that work competes with the broker for the CPU and
+with the other subscribers for the disk, as the agents' does.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import time
@@ -16,8 +22,11 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 
-def raw_subscribers(port: int, count: int, topic: str, want: int, *, stagger_s: float = 0.0) -> None:
-    """``count`` subscribers that only count; prints 'ready', then when the last one had ``want``."""
+def raw_subscribers(
+    port: int, count: int, topic: str, want: int, *, stagger_s: float = 0.0, store_dir: str | None = None
+) -> None:
+    """``count`` subscribers that count (and with ``store_dir``, hash, write and sync what they get);
+    prints 'ready', then when the last one had ``want``."""
     done = threading.Event()
     lock = threading.Lock()
     complete = [0]
@@ -25,10 +34,19 @@ def raw_subscribers(port: int, count: int, topic: str, want: int, *, stagger_s: 
     clients = []
     for k in range(count):
         got = [0]
+        fd = -1
+        if store_dir:
+            fd = os.open(os.path.join(store_dir, f"sub-{k}.part"), os.O_RDWR | os.O_CREAT, 0o644)
 
-        def on_message(c: Any, u: Any, msg: Any, got: list[int] = got) -> None:
+        def on_message(c: Any, u: Any, msg: Any, got: list[int] = got, fd: int = fd) -> None:
+            if fd >= 0:
+                data = msg.payload
+                hashlib.sha256(data).digest()
+                os.pwrite(fd, data, got[0] * len(data))
             got[0] += 1
             if got[0] == want:
+                if fd >= 0:
+                    os.fdatasync(fd)
                 with lock:
                     complete[0] += 1
                     if complete[0] == count:
