@@ -7,6 +7,8 @@ Subscriptions are remade on every (re)connect, since sessions are clean.
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import threading
 import time
 import uuid
@@ -218,6 +220,12 @@ class Bus:
             # A refusal is final (bad credentials or ACL): stop paho from retrying forever.
             client.disconnect()
             return
+        sock = client.socket()
+        if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
+            # Nagle (paho leaves it on) holds a small publish behind an unacknowledged one: a deploy
+            # published right after its manifest reached one agent 2-3 ms later, on loopback.
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._connected.set()
         with self._lock:
             again = list(self._subscriptions.items())

@@ -173,7 +173,7 @@ class Publisher:
         plain = encode(deploy)
         with_push = encode(deploy.model_copy(update={"pushed": count})) if count else plain
         pushed_devices = targets.devices if len(targets.devices) <= MAX_PUSHED_DEVICES else ()
-        infos = [self.bus.publish(topics.manifest(manifest.rollout_id), encode(manifest), qos=1, retain=True)]
+        infos = []
         sent = 0
         for device in targets.devices:
             push = count > 0 and device in pushed_devices
@@ -185,6 +185,9 @@ class Publisher:
             infos.append(self.bus.publish(topics.group_desired(group), with_push, qos=1, retain=True))
             if count:
                 sent += self.chunks.push(sha, functools.partial(topics.push, group, sha), count)
+        # For backends, so after what the devices wait for.
+        manifest_topic = topics.manifest(manifest.rollout_id)
+        infos.append(self.bus.publish(manifest_topic, encode(manifest), qos=1, retain=True))
         self.bus.wait_published(infos)
         log.info(
             "rollout published",
