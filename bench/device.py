@@ -257,9 +257,13 @@ def print_when_all_staged(n: int) -> None:
 def agent_worker(port: int, n: int, tag: str, root: Path, pub_hex: str) -> None:
     """Worker process: n in-process agents of group 'bench', each serving a small v0 model."""
     print_when_all_staged(n)
-    # Warm agents: one that has taken a rollout before has its signature check imported.  Cold, the
-    # first deploy's import is 7 ms for one agent and seconds for 100 agent threads queued on it.
-    import cryptography.hazmat.primitives.asymmetric.ed25519  # noqa: F401
+    # Warm agents: one that has taken a rollout before has its signature check loaded.  Cold, the
+    # first deploy's load (ctypes and a self-test, or else cryptography) is paid by one agent while
+    # the others queue on its lock.
+    from schemas.openssl_ed25519 import load
+
+    if load() is None:
+        import cryptography.hazmat.primitives.asymmetric.ed25519  # noqa: F401
 
     base = build_model(ModelSpec(seed=99))
     agents = []

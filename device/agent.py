@@ -68,7 +68,7 @@ from schemas.plain import (
     encode,
     verify,
 )
-from schemas.signing import SignatureError, pin_keys, read_public_key
+from schemas.signing import SignatureError, pin_device_keys, read_public_key
 
 log = structlog.get_logger("device.agent")
 
@@ -107,7 +107,8 @@ class Agent:
         self.stats = LatencyStats()
         self._runtime = runtime
         # Keys are checked now but turned into key objects only when a new deploy must be verified:
-        # `cryptography` costs ~6 MiB of RSS that an agent resuming a finished rollout never needs.
+        # even the libcrypto binding (schemas/openssl_ed25519.py) costs 0.6 MiB of ctypes, and its
+        # fallback, `cryptography`, ~7 MiB, that an agent resuming a finished rollout never needs.
         try:
             self._keys = [read_public_key(k) for k in settings.trust.publisher_keys]
         except SignatureError as exc:
@@ -697,7 +698,7 @@ class Agent:
 
     def _pinned(self) -> dict[str, Any]:
         if self._pinned_keys is None:
-            self._pinned_keys = pin_keys(self._keys)
+            self._pinned_keys = pin_device_keys(self._keys)
         return self._pinned_keys
 
     def _on_deploy(self, deploy: Deploy, payload: bytes, live: bool = False) -> None:

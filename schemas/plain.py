@@ -39,7 +39,7 @@ from schemas.constants import (
 from schemas.errors import DecodeError, MessageTooLarge
 
 if TYPE_CHECKING:
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+    from schemas.signing import PinnedKey
 
 # Every kind of the pydantic contract (schemas.messages.KINDS; a test holds the two equal), so a
 # publisher-side kind reaching a device is told apart from garbage.
@@ -726,7 +726,7 @@ def insist(message: object, cls: type[T]) -> T:
     return message
 
 
-def verify(deploy: Deploy, pinned: Mapping[str, Ed25519PublicKey]) -> Manifest:
+def verify(deploy: Deploy, pinned: Mapping[str, PinnedKey]) -> Manifest:
     """Return the manifest inside ``deploy`` if a pinned key signed it; raise SignatureError if not."""
     signing.check_signature(deploy, pinned)
     manifest = decode_as(deploy.manifest, Manifest)

@@ -21,6 +21,9 @@ if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
     from schemas.messages import Deploy, Manifest
+    from schemas.openssl_ed25519 import OpenSslKey
+
+    PinnedKey = Ed25519PublicKey | OpenSslKey
 
 # The device checks signatures with schemas.plain, which must not pull pydantic in through here: the
 # pydantic models are imported inside sign() and verify(), which only the publisher side calls.
@@ -95,6 +98,19 @@ def pin_keys(values: list[str]) -> dict[str, Ed25519PublicKey]:
     return pinned
 
 
+def pin_device_keys(values: list[str]) -> dict[str, PinnedKey]:
+    """``pin_keys`` for the device: checked by the libcrypto ``hashlib`` already maps
+    (``schemas.openssl_ed25519``) when that works here, so ``cryptography`` is never imported."""
+    from schemas.openssl_ed25519 import public_key
+
+    pinned: dict[str, PinnedKey] = {}
+    for value in values:
+        hex_key = read_public_key(value)
+        key = public_key(bytes.fromhex(hex_key))
+        pinned[key_id(hex_key)] = key if key is not None else pin_keys([hex_key])[key_id(hex_key)]
+    return pinned
+
+
 class SignedDeploy(Protocol):
     """What a signature check reads from a deploy: a pydantic ``Deploy`` or a ``schemas.plain`` one."""
 
@@ -116,10 +132,8 @@ def sign(manifest: Manifest, private: Ed25519PrivateKey, kid: str) -> Deploy:
     return Deploy(rollout_id=manifest.rollout_id, manifest=body, signature=private.sign(body), key_id=kid)
 
 
-def check_signature(deploy: SignedDeploy, pinned: Mapping[str, Ed25519PublicKey]) -> None:
+def check_signature(deploy: SignedDeploy, pinned: Mapping[str, PinnedKey]) -> None:
     """Return if a pinned key signed ``deploy.manifest``; raise SignatureError if not."""
-    from cryptography.exceptions import InvalidSignature
-
     if not deploy.signature:
         raise SignatureError(f"rollout {deploy.rollout_id}: manifest is unsigned")
     public = pinned.get(deploy.key_id)
@@ -127,10 +141,22 @@ def check_signature(deploy: SignedDeploy, pinned: Mapping[str, Ed25519PublicKey]
         raise SignatureError(
             f"rollout {deploy.rollout_id}: signed by key {deploy.key_id}, which this device does not pin"
         )
+    if not _valid(public, deploy.signature, deploy.manifest):
+        raise SignatureError(f"rollout {deploy.rollout_id}: bad signature from key {deploy.key_id}")
+
+
+def _valid(public: PinnedKey, signature: bytes, data: bytes) -> bool:
+    from schemas.openssl_ed25519 import OpenSslKey
+
+    if isinstance(public, OpenSslKey):
+        return public.valid(signature, data)
+    from cryptography.exceptions import InvalidSignature
+
     try:
-        public.verify(deploy.signature, deploy.manifest)
+        public.verify(signature, data)
     except InvalidSignature:
-        raise SignatureError(f"rollout {deploy.rollout_id}: bad signature from key {deploy.key_id}") from None
+        return False
+    return True
 
 
 def check_rollout_id(deploy: SignedDeploy, manifest_rollout_id: str) -> None:
@@ -141,7 +167,7 @@ def check_rollout_id(deploy: SignedDeploy, manifest_rollout_id: str) -> None:
         )
 
 
-def verify(deploy: Deploy, pinned: Mapping[str, Ed25519PublicKey]) -> Manifest:
+def verify(deploy: Deploy, pinned: Mapping[str, PinnedKey]) -> Manifest:
     """Return the manifest inside ``deploy`` if a pinned key signed it; raise SignatureError if not."""
     from schemas.codec import decode_as
     from schemas.messages import Manifest
