@@ -87,6 +87,22 @@ FETCH_WINDOW_BYTES = 4 * 1024 * 1024
 _CHUNK_KINDS = ("blob", "push", "repair")
 
 
+def _blob_of_manifest(manifest: bytes) -> str | None:
+    try:
+        return topics.blob_filter(msgpack.unpackb(manifest).get("model_sha256"))
+    except Exception:  # not a manifest: nothing to subscribe to
+        return None
+
+
+def _blob_of(deploy_payload: bytes | bytearray) -> str | None:
+    """The chunk filter of the file a deploy names, read without checking anything."""
+    try:
+        manifest = msgpack.unpackb(deploy_payload).get("manifest")
+    except Exception:
+        return None
+    return _blob_of_manifest(manifest) if isinstance(manifest, bytes) else None
+
+
 def agent_version() -> str:
     return installed_version("fleetbus") or "0+unknown"
 
@@ -137,6 +153,10 @@ class Agent:
         self._pacer = FetchPacer(tr.window, tr.fetch_timeout_s, tr.fetch_backoff_max_s, settle_s=tr.settle_s)
         self._blob_filter: str | None = None
         self._early_blob: str | None = None  # subscribed while the deploy naming it is checked
+        # Chunk filters subscribed from paho's thread the moment a deploy arrived (_on_arrival),
+        # each claimed, or unsubscribed, when the agent's thread reaches that deploy.
+        self._early_lock = threading.Lock()
+        self._early_blobs: set[str] = set()
         self._push_offer = 0  # chunks the live deploy being accepted says are pushed after it
         # Pushed chunks not yet stored: the fetch claims them as held so the server does not send
         # them again while they are on their way (dropped when a fetch timeout says they are lost).
@@ -155,7 +175,7 @@ class Agent:
             stats=self.stats,
             counters=self.counters,
         )
-        self.link = Link(self.device_id, settings.mqtt, self._events, self._will)
+        self.link = Link(self.device_id, settings.mqtt, self._events, self._will, self._on_arrival)
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -701,17 +721,33 @@ class Agent:
             self._pinned_keys = pin_device_keys(self._keys)
         return self._pinned_keys
 
-    def _on_deploy(self, deploy: Deploy, payload: bytes, live: bool = False) -> None:
-        if deploy.rollout_id == self.state.rollout_id and payload == self.store.load_deploy():
-            self.counters.inc("repeated_deploys")  # the retained deploy again, after a reconnect
+    def _on_arrival(self, topic: str, payload: bytes | bytearray) -> None:
+        """In paho's thread, as a deploy arrives: subscribe to its file's chunks at once.
+
+        In a fleet the first device to fetch starts the broadcast, and one not subscribed by then
+        is repaired chunk by chunk; the agent's thread may reach the deploy much later (behind a
+        backlog, or, in a simulated fleet, behind the other agents' turns at the GIL).  Nothing is
+        trusted here: the agent's thread claims the subscription, or drops it, when it checks the
+        deploy, and chunks wait in its queue until then.
+        """
+        if "/desired/" not in topic:
             return
-        # Subscribe to the file's chunks before the slow part (the signature check, the persisted
-        # steps): in a fleet the first device to fetch starts the broadcast, and one not subscribed
-        # by then is repaired chunk by chunk.  Chunks wait in the queue until this call has opened
-        # the staging file of the verified manifest; nothing is kept from them otherwise.
-        early = self._subscribe_early(deploy)
+        blob = _blob_of(payload)
+        if blob is None:
+            return
+        with self._early_lock:
+            if blob in self._early_blobs or blob == self._blob_filter:
+                return
+            self._early_blobs.add(blob)
+        self.link.subscribe([blob])
+
+    def _on_deploy(self, deploy: Deploy, payload: bytes, live: bool = False) -> None:
+        early = self._claim_early(deploy)
         self._push_offer = deploy.pushed if live and self.settings.transfer.accept_push else 0
         try:
+            if deploy.rollout_id == self.state.rollout_id and payload == self.store.load_deploy():
+                self.counters.inc("repeated_deploys")  # the retained deploy again, after a reconnect
+                return
             self._accept_deploy(deploy, payload)
         finally:
             if early is not None and early != self._blob_filter:
@@ -719,15 +755,18 @@ class Agent:
             self._early_blob = None
             self._push_offer = 0
 
-    def _subscribe_early(self, deploy: Deploy) -> str | None:
-        try:
-            sha = msgpack.unpackb(deploy.manifest).get("model_sha256")
-            blob = topics.blob_filter(sha)
-        except Exception:  # an unreadable manifest is refused by the signature check that follows
-            return None
+    def _claim_early(self, deploy: Deploy) -> str | None:
+        """The chunk filter subscribed for this deploy as it arrived (subscribed now if it was not)."""
+        blob = _blob_of_manifest(deploy.manifest)
+        if blob is None:
+            return None  # unreadable: the signature check refuses it
+        with self._early_lock:
+            subscribed = blob in self._early_blobs
+            self._early_blobs.discard(blob)
         if blob == self._blob_filter:
-            return None  # already downloading that file
-        self.link.subscribe([blob])
+            return None  # already downloading that file (a second SUBSCRIBE to it changes nothing)
+        if not subscribed:
+            self.link.subscribe([blob])  # it did not come through the link (a replayed event)
         self._early_blob = blob
         return blob
 

@@ -1,7 +1,9 @@
 """The agent's MQTT link: one paho client, reconnecting on its own, feeding a queue.
 
 Everything that arrives is put on the agent's event queue as it is (topic, payload, retain flag);
-the agent's single main thread does all the work, so no protocol state is shared with paho's thread.  Before
+the agent's single main thread does all the work, so no protocol state is shared with paho's thread,
+except one hint: ``on_arrival`` sees each message first, in paho's thread (the agent subscribes to a
+deploy's chunks there, before its queue is read).  Before
 every (re)connect the link asks the agent for a fresh Last Will (Sparkplug: the death certificate
 carries the bdseq of the birth that follows), and after every connect it posts a ``connected``
 event so the agent publishes its birth, resubscribes and resends its bitmap.
@@ -35,9 +37,11 @@ class Link:
         settings: MqttSection,
         events: queue.Queue[Event],
         will: Callable[[], tuple[str, bytes]],
+        on_arrival: Callable[[str, bytes | bytearray], None] | None = None,
     ) -> None:
         self._events = events
         self._will = will
+        self._on_arrival = on_arrival
         self._settings = settings
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True)
         if settings.username:
@@ -107,4 +111,9 @@ class Link:
         self._events.put(("disconnected", str(reason)))
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        if self._on_arrival is not None:
+            try:
+                self._on_arrival(msg.topic, msg.payload)
+            except Exception:  # a hint only: the agent's thread handles the message in any case
+                log.exception("arrival_hook_failed", topic=msg.topic)
         self._events.put(("message", (msg.topic, msg.payload, bool(msg.retain))))
