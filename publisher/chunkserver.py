@@ -180,6 +180,17 @@ class ChunkServer:
         self._files[sha256] = chunk_count
         self._held.setdefault(sha256, {})
 
+    def note_push(self, sha256: str, indexes: list[int]) -> None:
+        """Chunks pushed to a group after a deploy (docs/protocol.md): they count as broadcast once.
+
+        A device that still lacks one (it missed the push, or came later) is then sent it like any
+        chunk already broadcast: on repair, unless most devices fetching lack it. A first-time blob
+        broadcast of it late in a transfer would reach every device that took the push as the
+        newest send its bitmap holds, and mark everything older it still waits for as lost.
+        """
+        if sha256 in self._files:
+            self._broadcast_once.setdefault(sha256, set()).update(indexes)
+
     def remove_file(self, sha256: str) -> None:
         self._files.pop(sha256, None)
         self._held.pop(sha256, None)

@@ -11,8 +11,9 @@ chunks up front: the first window then goes out at the broker's pace, not at the
 hashing and encoding each chunk between publishes, and a repair or rebroadcast costs no read.
 
 ``push()`` sends a file's first chunks unasked, right after a live deploy on the same connection
-(docs/protocol.md, "The first window rides with the deploy"); the server's bookkeeping does not see
-them: the devices that take them claim them in their fetches until they land.
+(docs/protocol.md, "The first window rides with the deploy"). The devices that take them claim them
+in their fetches until they land; the server counts them as broadcast once (``note_push``), so one
+that a device still lacks goes to it on repair.
 """
 
 from __future__ import annotations
@@ -151,6 +152,8 @@ class ChunkShell:
                 break  # the devices fetch what a push did not bring
             self.counters.pushed += 1
             sent += 1
+        with self._lock:
+            self.server.note_push(sha256, list(range(sent)))
         return sent
 
     def withdraw(self, sha256: str) -> None:

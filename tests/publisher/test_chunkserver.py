@@ -55,6 +55,22 @@ def test_a_lone_device_asking_again_for_a_broadcast_chunk_gets_a_repair() -> Non
     assert sends[0].topic == topics.repair("d1", SHA, 0)
 
 
+def test_a_pushed_chunk_one_device_lacks_goes_to_it_on_repair_not_on_blob() -> None:
+    """Chunks pushed after a deploy count as broadcast once: a device that missed one gets it alone
+    (a late blob broadcast would look, to every device that took the push, like the newest send)."""
+    s = server()
+    s.note_push(SHA, [0, 1, 2, 3])
+    s.on_fetch("d1", fetch("d1", 20, {1, 2, 3}, window=2), now=0.0)  # lost pushed chunk 0
+    s.on_fetch("d2", fetch("d2", 20, {0, 1, 2, 3}, window=2), now=0.0)
+    assert s.due(0.0) == [Send(SHA, 0, "d1"), Send(SHA, 4), Send(SHA, 5)]
+    # Most devices lacking a pushed chunk (they came after the push): one broadcast serves them.
+    t = server()
+    t.note_push(SHA, [0, 1, 2, 3])
+    for d in ("d1", "d2", "d3"):
+        t.on_fetch(d, fetch(d, 20, window=1), now=0.0)
+    assert t.due(0.0) == [Send(SHA, 0)]
+
+
 def test_two_devices_wanting_a_chunk_share_one_broadcast() -> None:
     """A chunk wanted by two or more devices in one round is published once, on the blob topic."""
     s = server()
