@@ -301,7 +301,8 @@ def push(
         click.echo(
             f"rollout {result.rollout_id}: {len(_succeeded(result))}/{len(result.outcomes)} succeeded in "
             f"{result.elapsed_s:.1f}s; {result.manifest.size} bytes in {result.manifest.chunk_count} chunks; "
-            f"sent {chunks.get('blob_sent', 0)} on blob, {chunks.get('repair_sent', 0)} as repairs"
+            f"sent {chunks.get('pushed', 0)} with the deploy, {chunks.get('blob_sent', 0)} on blob, "
+            f"{chunks.get('repair_sent', 0)} as repairs"
         )
         for device, outcome in sorted(result.outcomes.items()):
             if outcome.status is None or outcome.status.value != "SUCCEEDED":

@@ -355,8 +355,8 @@ class _DemoRun:
         self.console.print(
             f"{'[green]ok[/]' if result.ok else '[red]FAILED[/]'} {result.rollout_id}: "
             f"{len(result.outcomes)} devices in {result.elapsed_s:.1f}s; {m.size:,} bytes in "
-            f"{m.chunk_count} chunks of {m.chunk_size // 1024} KiB; {c.get('blob_sent', 0)} broadcast, "
-            f"{c.get('repair_sent', 0)} repaired"
+            f"{m.chunk_count} chunks of {m.chunk_size // 1024} KiB; {c.get('pushed', 0)} pushed with the "
+            f"deploy, {c.get('blob_sent', 0)} broadcast, {c.get('repair_sent', 0)} repaired"
         )
         if result.ok and len(result.outcomes) >= self.n:
             return True
