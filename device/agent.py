@@ -662,6 +662,7 @@ class Agent:
             msg = decode(payload)
         except DecodeError as exc:
             self._error("decode_errors", str(exc), topic=topic)
+            self._release_early(where, payload)
             return
         if where.kind in _CHUNK_KINDS:
             if not isinstance(msg, Chunk):
@@ -674,6 +675,7 @@ class Agent:
         elif where.kind in ("desired_dev", "desired_grp"):
             if not isinstance(msg, Deploy):
                 self._error("unexpected_kinds", f"{msg.kind} on a desired topic", topic=topic)
+                self._release_early(where, payload)
                 return
             # A retained copy is a replay (a reconnect, a late subscriber): nothing is pushed after it.
             self._on_deploy(msg, payload, live=not retained)
@@ -732,7 +734,11 @@ class Agent:
         """
         if "/desired/" not in topic:
             return
-        blob = _blob_of(payload)
+        try:
+            where = topics.parse(topic)
+        except TopicError:
+            return
+        blob = _blob_of(payload) if self._is_for_me(where) else None
         if blob is None:
             return
         with self._early_lock:
@@ -754,6 +760,18 @@ class Agent:
                 self.link.unsubscribe(early)  # this deploy did not lead to a download of that file
             self._early_blob = None
             self._push_offer = 0
+
+    def _release_early(self, where: topics.Topic, payload: bytes) -> None:
+        """Drop what ``_on_arrival`` subscribed for a desired message that turned out not a deploy."""
+        blob = _blob_of(payload) if where.kind in ("desired_dev", "desired_grp") else None
+        if blob is None:
+            return
+        with self._early_lock:
+            if blob not in self._early_blobs:
+                return
+            self._early_blobs.discard(blob)
+        if blob != self._blob_filter:
+            self.link.unsubscribe(blob)
 
     def _claim_early(self, deploy: Deploy) -> str | None:
         """The chunk filter subscribed for this deploy as it arrived (subscribed now if it was not)."""

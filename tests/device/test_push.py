@@ -191,3 +191,25 @@ def test_deploy_defaults_to_no_push() -> None:
 
     d = Deploy(rollout_id="r1", manifest=b"m", signature=b"s", key_id="k")
     assert decode_as(encode(d), Deploy).pushed == 0
+
+
+def test_early_chunk_subscriptions_are_claimed_or_dropped(rig: Rig, agent: Agent, model: bytes) -> None:
+    """The link subscribes to a deploy's chunks as it arrives; a deploy refused for its signature,
+    or a desired message that is no deploy, leaves no such subscription behind, and another
+    device's deploy makes none."""
+    import msgpack
+
+    from tests.device.conftest import make_keys, publish_raw
+
+    m = make_manifest(model, "2.0", spec=V2)
+    stranger = make_keys()
+    forged = sign(m, stranger.private, rig.keys.kid)  # the pinned key's id, another key's signature
+    publish_raw(rig.port, topics.group_desired(GROUP), encode(forged))
+    rig.observer.wait(lambda: agent.counters.get("bad_signatures") == 1, 10, "the forged deploy refused")
+    not_a_deploy = msgpack.packb({"v": 1, "kind": "rebirth", "manifest": encode(m)})
+    publish_raw(rig.port, topics.group_desired(GROUP), not_a_deploy)
+    rig.observer.wait(lambda: agent.counters.get("unexpected_kinds") == 1, 10, "the non-deploy refused")
+    assert agent._early_blobs == set()
+    assert agent._blob_filter is None
+    agent._on_arrival(topics.device_desired("dev-other"), encode(sign(m, rig.keys.private, rig.keys.kid)))
+    assert agent._early_blobs == set()
