@@ -3,10 +3,10 @@
 Everything that arrives is put on the agent's event queue as it is (topic, payload, retain flag);
 the agent's single main thread does all the work, so no protocol state is shared with paho's thread,
 except one hint: ``on_arrival`` sees each message first, in paho's thread (the agent subscribes to a
-deploy's chunks there, before its queue is read).  Before
-every (re)connect the link asks the agent for a fresh Last Will (Sparkplug: the death certificate
-carries the bdseq of the birth that follows), and after every connect it posts a ``connected``
-event so the agent publishes its birth, resubscribes and resends its bitmap.
+deploy's chunks there, before its queue is read).  Before every (re)connect the link asks the agent
+for a fresh Last Will (Sparkplug: the death certificate carries the bdseq of the birth that follows),
+and after every connect it posts a ``connected`` event so the agent publishes its birth,
+resubscribes and resends its bitmap.
 """
 
 from __future__ import annotations

@@ -42,7 +42,8 @@ ProgressCallback = Callable[[RolloutProgress], None]
 # Retained births arrive right after the SUBACK; give them a moment before group membership counts.
 RETAINED_SETTLE_S = 0.3
 # The first chunks of a file follow each live deploy unasked, so a device does not wait a fetch's
-# round trip for them (docs/protocol.md).  Devices take this much unasked (at most: a window is 4 MiB).
+# round trip for them (docs/protocol.md).  A quarter of the most a device's fetch may ask for (4 MiB):
+# what every device is sent without asking stays within any credit it could have given.
 PUSH_BYTES = 1024 * 1024
 # One push per target crosses the broker: a group costs one, but each device target costs its own.
 # Beyond this many device targets they fetch, and the first fetch starts one broadcast for all.
