@@ -134,9 +134,10 @@ def test_a_pushed_chunk_that_overtook_its_deploy_is_fetched_without_waiting(
     rig: Rig, agent: Agent, model: bytes
 ) -> None:
     """amqtt may reorder: chunk 0 lands before the deploy and is dropped; the device does not wait
-    for it as if it were still coming, but asks for it with its first fetch."""
+    for it as if it were still coming (a fetch timeout), but asks for it in its first fetch."""
     m = make_manifest(model, "2.0", spec=V2)
     rig.chunks.serve(model, m)
+    rig.chunks.paused = True  # hold the answer, to look at the first fetch before anything else
     deploy = sign(m, rig.keys.private, rig.keys.kid).model_copy(update={"pushed": 5})
 
     def chunk(i: int) -> tuple[str, tuple[str, bytes, bool]]:
@@ -149,9 +150,14 @@ def test_a_pushed_chunk_that_overtook_its_deploy_is_fetched_without_waiting(
     agent._events.put(("message", (topics.group_desired(GROUP), encode(deploy), False)))
     for i in range(1, 5):
         agent._events.put(chunk(i))
-    rig.observer.wait_state("dev-p", "SUCCEEDED", m.rollout_id)
+    first = rig.observer.wait(
+        lambda: next((f for f in rig.chunks.fetches if f.sha256 == m.model_sha256), None), 10, "a fetch"
+    )
+    assert agent.counters.get("fetch_retries") == 0  # asked when the push was half in, not on a timeout
+    assert first.bitmap[0] & 0b11111 == 0b11110  # chunk 0 asked for, 1-4 held or on their way
     assert agent.counters.get("unexpected_chunks") == 1
-    assert agent.counters.get("fetch_retries") == 0
+    rig.chunks.paused = False
+    rig.observer.wait_state("dev-p", "SUCCEEDED", m.rollout_id)
     assert rig.chunks.sent_to("dev-p") == 1
 
 
