@@ -134,10 +134,14 @@ def agent_worker(port: int, start: int, count: int, root: str, public_hex: str) 
 
     # A thousand agents logging every step at info would measure the terminal, not the rollout.
     configure_logging("warning")
-    # The agent imports its signature check on the first deploy (a board's process pays ~50 ms once).
-    # Here 250 agent threads would queue on that one import while the GIL is shared among 750
-    # threads, which stalled every agent of the process for 5-40 s; import it before they start.
-    import cryptography.hazmat.primitives.asymmetric.ed25519  # noqa: F401
+    # The agent loads its signature check on the first deploy (a board's process pays it once).
+    # Here 250 agent threads would queue on that one load while the GIL is shared among 750 threads
+    # (with `cryptography`'s import this stalled every agent of the process for 5-40 s): load it
+    # before they start, the libcrypto binding or, without it, the fallback.
+    from schemas.openssl_ed25519 import load
+
+    if load() is None:
+        import cryptography.hazmat.primitives.asymmetric.ed25519  # noqa: F401
 
     runtime = SharedRuntime()
     agents = []
