@@ -90,6 +90,25 @@ def test_push_commits_the_model_on_every_agent(
     assert all(fold(observer).devices[d].rollout_status is ExecStatus.SUCCEEDED for d in DEVICES)
 
 
+def test_a_device_target_takes_its_push_on_its_repair_topic(
+    rig: tuple[int, Path, dict[str, Path], RawClient], tmp_path: Path
+) -> None:
+    """Pushed to one device by id: the first MiB goes on that device's repair topic right after the
+    deploy, and a 1 MB model commits with nothing broadcast and nothing repaired."""
+    port, key, homes, observer = rig
+    wait_until(lambda: sum(v.online for v in fold(observer).devices.values()) == 3, what="3 births")
+    model = tmp_path / "one.tflite"
+    write_model(model, ModelSpec(input_size=8, output_size=4, seed=6, pad_to=1_000_000))
+    with Publisher(BrokerAddress(port=port), key) as pub:
+        result = pub.push(model, "2.1.0", Targets(devices=("e2e-2",)), timeout=60)
+    assert result.ok, result.as_dict()
+    assert result.manifest.chunk_count == 4
+    assert result.chunks["pushed"] == 4
+    assert result.chunks["blob_sent"] == result.chunks["repair_sent"] == 0
+    active = homes["e2e-2"] / "state" / "models" / "active.tflite"
+    assert hashlib.sha256(active.read_bytes()).hexdigest() == result.manifest.model_sha256
+
+
 def test_cli_push_exits_nonzero_when_devices_refuse(
     rig: tuple[int, Path, dict[str, Path], RawClient], tmp_path: Path
 ) -> None:
