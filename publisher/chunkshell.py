@@ -47,6 +47,18 @@ log = structlog.get_logger("publisher.chunks")
 
 DEFAULT_TICK_S = 0.05
 DEFAULT_CACHE_BYTES = 64 * 1024 * 1024
+# The first chunks of a file follow each live deploy unasked, so a device does not wait a fetch's
+# round trip for them (docs/protocol.md).  A quarter of the most a device's fetch may ask for (4 MiB):
+# what every device is sent without asking stays within any credit it could have given.
+PUSH_BYTES = 1024 * 1024
+# One push per target crosses the broker: a group costs one, but each device target costs its own.
+# Beyond this many devices at once they fetch, and the first fetch starts one broadcast for all.
+MAX_PUSHED_DEVICES = 8
+
+
+def push_count(manifest: Manifest, push_bytes: int = PUSH_BYTES) -> int:
+    """How many of the file's first chunks fit in ``push_bytes`` (0: no push)."""
+    return min(manifest.chunk_count, max(0, push_bytes) // manifest.chunk_size)
 
 
 @dataclass

@@ -26,7 +26,7 @@ from typing import Any
 import structlog
 
 from publisher.bus import BrokerAddress, Bus
-from publisher.chunkshell import ChunkShell
+from publisher.chunkshell import MAX_PUSHED_DEVICES, PUSH_BYTES, ChunkShell, push_count
 from publisher.errors import ConfigError
 from publisher.plan import PlanOptions, build_manifest
 from publisher.progress import DeviceOutcome, RolloutProgress, Targets
@@ -41,19 +41,6 @@ log = structlog.get_logger("publisher.client")
 ProgressCallback = Callable[[RolloutProgress], None]
 # Retained births arrive right after the SUBACK; give them a moment before group membership counts.
 RETAINED_SETTLE_S = 0.3
-# The first chunks of a file follow each live deploy unasked, so a device does not wait a fetch's
-# round trip for them (docs/protocol.md).  A quarter of the most a device's fetch may ask for (4 MiB):
-# what every device is sent without asking stays within any credit it could have given.
-PUSH_BYTES = 1024 * 1024
-# One push per target crosses the broker: a group costs one, but each device target costs its own.
-# Beyond this many device targets they fetch, and the first fetch starts one broadcast for all.
-MAX_PUSHED_DEVICES = 8
-
-
-def push_count(manifest: Manifest, push_bytes: int = PUSH_BYTES) -> int:
-    """How many of the file's first chunks fit in ``push_bytes`` (0: no push)."""
-    return min(manifest.chunk_count, max(0, push_bytes) // manifest.chunk_size)
-
 
 __all__ = ["BrokerAddress", "Publisher", "RolloutResult", "Targets"]
 

@@ -9,7 +9,10 @@ saves their state and publishes each rollout's retained ``rollout_status``.
 Carrying out effects (docs/rollouts.md, "The service"):
 
 * ``Notify``: a deploy whose manifest's ``rollout_id`` is the execution id (``{id}``, ``{id}:r2``,
-  ``{id}:shadow``), signed with serve's key and published retained on ``desired/dev/{device}``.
+  ``{id}:shadow``), signed with serve's key and published retained on ``desired/dev/{device}``. When
+  one batch of effects notifies at most ``MAX_PUSHED_DEVICES`` devices (a canary wave), each deploy is
+  followed by the file's first chunks on that device's repair topic (docs/protocol.md, "The first
+  window rides with the deploy"); a bigger wave fetches, and its first fetch starts one broadcast.
 * ``CancelDevice`` / ``MarkTimedOut``: a ``cancel`` for the device's current execution on its command
   topic (re-sent when the device comes back, since commands are not retained); an offline device's
   retained deploy is cleared so it never starts it.
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import hashlib
 import os
 import queue
@@ -42,7 +46,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import structlog
 
 from publisher.bus import Bus
-from publisher.chunkshell import ChunkShell
+from publisher.chunkshell import MAX_PUSHED_DEVICES, ChunkShell, push_count
 from publisher.controller import Controller
 from publisher.document import document_from_mapping
 from publisher.errors import BusError, ConfigError, PlanError, RolloutError, StoreError
@@ -731,19 +735,19 @@ class RolloutDriver:
         effects = list(effects)
         if any(isinstance(e, (Notify, CancelDevice, Rollback, MarkTimedOut)) for e in effects):
             self._save(rid, rollout, now)  # write-ahead: what we publish next is already on record
+        push = sum(isinstance(e, Notify) for e in effects) <= MAX_PUSHED_DEVICES
         for effect in effects:
             try:
-                self._effect(rid, rollout, effect, now)
+                self._effect(rid, rollout, effect, now, push=push)
             except (BusError, PlanError, OSError) as exc:
                 self.counters["effect_errors"] += 1
                 log.error("effect not carried out", rollout=rid, effect=type(effect).__name__, error=str(exc))
         self._publish_status(rid, rollout, now)
 
-    def _effect(self, rid: str, rollout: _Rollout, effect: Effect, now: float) -> None:
+    def _effect(self, rid: str, rollout: _Rollout, effect: Effect, now: float, push: bool = False) -> None:
         if isinstance(effect, Notify):
-            self._notify(
-                rid, rollout, effect.device_id, execution_id(rid, effect.attempt, effect.shadow), now
-            )
+            execution = execution_id(rid, effect.attempt, effect.shadow)
+            self._notify(rid, rollout, effect.device_id, execution, now, push=push)
         elif isinstance(effect, CancelDevice):
             self._cancel(rid, rollout, effect.device_id, clear=True)
         elif isinstance(effect, MarkTimedOut):
@@ -763,16 +767,25 @@ class RolloutDriver:
         ):
             log.info("rollout " + type(effect).__name__, rollout=rid, **_fields(effect))
 
-    def _notify(self, rid: str, rollout: _Rollout, device: str, execution: str, now: float) -> None:
+    def _notify(
+        self, rid: str, rollout: _Rollout, device: str, execution: str, now: float, *, push: bool = False
+    ) -> None:
         shadow = execution.endswith(":shadow")
         manifest = rollout.manifest.model_copy(update={"rollout_id": execution, "shadow": shadow, "ts": now})
-        self._publish_deploy(device, manifest)
+        self._publish_deploy(device, manifest, push)
 
-    def _publish_deploy(self, device: str, manifest: Manifest) -> None:
+    def _publish_deploy(self, device: str, manifest: Manifest, push: bool = False) -> None:
         deploy = sign(manifest, self._key, self._key_id)
+        count = push_count(manifest) if push else 0
+        if count:
+            deploy = deploy.model_copy(update={"pushed": count})
         self.bus.publish(topics.device_desired(device), encode(deploy), qos=1, retain=True)
         self._desired[device] = manifest.rollout_id
         self.counters["deploys_published"] += 1
+        if count:
+            sha = manifest.model_sha256
+            sent = self.chunks.push(sha, functools.partial(topics.repair, device, sha), count)
+            self.counters["chunks_pushed"] += sent
 
     def _current_execution(self, rid: str, rollout: _Rollout, device: str) -> str | None:
         rec = rollout.controller.state.devices.get(device)

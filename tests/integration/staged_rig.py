@@ -24,7 +24,7 @@ from publisher.http import fetch_json
 from schemas import topics
 from schemas.codec import decode, decode_as
 from schemas.errors import DecodeError
-from schemas.messages import Deploy, RolloutStatus
+from schemas.messages import Deploy, Health, RolloutStatus
 from tests.helpers import free_port, wait_port
 from tests.publisher.live import RawClient, wait_until
 
@@ -182,6 +182,26 @@ class Observer:
             manifest = decode_as(deploy.manifest, Manifest)
             out.append((str(parsed.device), deploy.rollout_id, manifest.rollback))
         return out
+
+    def pushed(self, execution: str) -> dict[str, int]:
+        """Per device, the ``pushed`` count of its deploys of ``execution``."""
+        out = {}
+        for topic, payload, _ in list(self.client.received):
+            parsed = topics.parse(topic)
+            if parsed.kind == "desired_dev" and payload:
+                deploy = decode_as(payload, Deploy)
+                if deploy.rollout_id == execution:
+                    out[str(parsed.device)] = deploy.pushed
+        return out
+
+    def health_counter(self, device: str, name: str) -> int:
+        """A counter from the device's latest health message (0 before any)."""
+        value = 0
+        health = topics.device_stream(device, topics.DeviceStream.HEALTH)
+        for topic, payload, _ in list(self.client.received):
+            if topic == health:
+                value = decode_as(payload, Health).counters.get(name, 0)
+        return value
 
     def deploy_counts(self) -> Counter[str]:
         return Counter(device for device, _, _ in self.deploys())

@@ -87,6 +87,18 @@ def test_each_device_gets_exactly_one_deploy_with_the_rollout_id(
     assert all(not rollback for _, _, rollback in deploys)
 
 
+def test_small_waves_take_the_first_chunks_pushed_with_their_deploys(
+    rig: Rig, completed: dict[str, object]
+) -> None:
+    """Waves of up to 8 devices: each deploy says its file's first chunk follows on the device's repair
+    topic, and each agent started its download waiting for it instead of fetching."""
+    assert rig.observer.pushed("canary-1") == dict.fromkeys(DEVICES, 1)  # 150 kB: one 256 KiB chunk
+    wait(
+        lambda: all(rig.observer.health_counter(d, "pushes_awaited") >= 1 for d in DEVICES),
+        what="health showing the push awaited on every agent",
+    )
+
+
 def test_status_and_list_show_the_rollout(rig: Rig, completed: dict[str, object]) -> None:
     """`rollout status --json` and `rollout list --json` read the retained status serve published."""
     status = cli("rollout", "status", "canary-1", "--broker", f"127.0.0.1:{rig.port}", "--json")
