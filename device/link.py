@@ -28,6 +28,18 @@ log = structlog.get_logger("device.link")
 Event = tuple[str, Any]
 
 
+def no_delay(client: mqtt.Client) -> None:
+    """Turn Nagle off on a connected client's TCP socket (paho leaves it on).
+
+    With it on, a small publish (a fetch, a state report, a deploy after its manifest) that follows
+    another one not yet acknowledged waits for the broker's delayed ACK: up to 40 ms on Linux.
+    """
+    sock = client.socket()
+    if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 class Link:
     """A paho client bound to one agent."""
 
@@ -98,12 +110,7 @@ class Link:
             log.warning("connect_refused", reason=str(reason))
             return
         self.connected = True
-        sock = client.socket()
-        if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
-            # paho leaves Nagle on: a small publish (a fetch, a state) that follows another one not
-            # yet acknowledged then waits for the broker's delayed ACK, 40 ms on Linux, every time.
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        no_delay(client)
         self._events.put(("connected", None))
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:

@@ -7,8 +7,6 @@ Subscriptions are remade on every (re)connect, since sessions are clean.
 
 from __future__ import annotations
 
-import contextlib
-import socket
 import threading
 import time
 import uuid
@@ -20,6 +18,7 @@ import paho.mqtt.client as mqtt
 import structlog
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
+from device.link import no_delay
 from publisher.errors import BusError, ConfigError
 from schemas.messages import MQTT_PORT, MQTTS_PORT
 from schemas.topics import matches
@@ -220,12 +219,7 @@ class Bus:
             # A refusal is final (bad credentials or ACL): stop paho from retrying forever.
             client.disconnect()
             return
-        sock = client.socket()
-        if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
-            # Nagle (paho leaves it on) holds a small publish behind an unacknowledged one: a deploy
-            # published right after its manifest reached one agent 2-3 ms later, on loopback.
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        no_delay(client)  # a deploy published right after its manifest reached an agent 2-3 ms later
         self._connected.set()
         with self._lock:
             again = list(self._subscriptions.items())
