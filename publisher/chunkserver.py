@@ -181,7 +181,7 @@ class ChunkServer:
         self._held.setdefault(sha256, {})
 
     def note_push(self, sha256: str, indexes: list[int]) -> None:
-        """Chunks pushed to a group after a deploy (docs/protocol.md): they count as broadcast once.
+        """Chunks pushed after a deploy (docs/protocol.md): they count as broadcast once.
 
         A device that still lacks one (it missed the push, or came later) is then sent it like any
         chunk already broadcast: on repair, unless most devices fetching lack it. A first-time blob

@@ -160,13 +160,12 @@ class Publisher:
         count = push_count(manifest, push_bytes)
         plain = encode(deploy)
         with_push = encode(deploy.model_copy(update={"pushed": count})) if count else plain
-        pushed_devices = targets.devices if len(targets.devices) <= MAX_PUSHED_DEVICES else ()
+        push = count > 0 and len(targets.devices) <= MAX_PUSHED_DEVICES
+        device_payload = with_push if push else plain
         infos = []
         sent = 0
         for device in targets.devices:
-            push = count > 0 and device in pushed_devices
-            payload = with_push if push else plain
-            infos.append(self.bus.publish(topics.device_desired(device), payload, qos=1, retain=True))
+            infos.append(self.bus.publish(topics.device_desired(device), device_payload, qos=1, retain=True))
             if push:
                 sent += self.chunks.push(sha, functools.partial(topics.repair, device, sha), count)
         for group in targets.groups:

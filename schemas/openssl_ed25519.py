@@ -8,7 +8,7 @@ own OpenSSL build and Rust bindings for the rest of the agent's life: 6-7 MiB of
 ``load()`` finds that library in ``/proc/self/maps``, binds the five EVP calls, and checks the
 binding against RFC 8032's first test vector (and a corrupted copy of it) before anyone relies on
 it. Anything missing (no ``/proc``, a ``hashlib`` built without OpenSSL, an OpenSSL older than 1.1.1
-or without Ed25519) makes it return None, and ``schemas.signing.pin_keys`` falls back to
+or without Ed25519) makes it return None, and ``schemas.signing.pin_device_keys`` falls back to
 ``cryptography``.
 """
 
@@ -36,12 +36,9 @@ class OpenSslKey:
     """A pinned Ed25519 public key, checked by libcrypto's ``EVP_DigestVerify``."""
 
     def __init__(self, lib: Any, raw: bytes) -> None:
-        import ctypes
-
         if len(raw) != 32:
             raise SchemaError(f"an Ed25519 public key is 32 bytes, not {len(raw)}")
         self._lib = lib
-        self._ctypes = ctypes
         self._pkey = lib.EVP_PKEY_new_raw_public_key(_NID_ED25519, None, raw, len(raw))
         if not self._pkey:
             lib.ERR_clear_error()
