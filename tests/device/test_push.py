@@ -3,6 +3,8 @@ awaited after a retained replay, and fetched when they do not come (in-process a
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,24 +29,32 @@ def model() -> bytes:
     return build_model(V2)
 
 
-def _agent(rig: Rig, tmp_path: Path, device: str) -> Agent:
+def _agent(rig: Rig, tmp_path: Path, device: str, *, accept_push: bool = True) -> Agent:
     state = tmp_path / device
     seed_active(state, build_model(V1), "1.0")
     cfg = write_config(
         tmp_path / f"{device}.toml", device, rig.port, [rig.keys.public_hex], state, groups=(GROUP,)
     )
-    return Agent(load_settings(cfg))
+    settings = load_settings(cfg)
+    transfer = dataclasses.replace(settings.transfer, accept_push=accept_push)
+    return Agent(dataclasses.replace(settings, transfer=transfer))
+
+
+@contextlib.contextmanager
+def _running(rig: Rig, agent: Agent) -> Iterator[Agent]:
+    """The agent started and born (its subscriptions made), stopped on the way out."""
+    agent.start()
+    try:
+        rig.observer.wait(lambda: rig.observer.of(agent.device_id, "birth"), 20, "birth")
+        yield agent
+    finally:
+        agent.stop()
 
 
 @pytest.fixture
 def agent(rig: Rig, tmp_path: Path) -> Iterator[Agent]:
-    a = _agent(rig, tmp_path, "dev-p")
-    a.start()
-    try:
-        rig.observer.wait(lambda: rig.observer.of("dev-p", "birth"), 20, "birth")
+    with _running(rig, _agent(rig, tmp_path, "dev-p")) as a:
         yield a
-    finally:
-        a.stop()
 
 
 def _deploy_and_push(rig: Rig, model: bytes, m: Manifest, pushed: int, send: range) -> None:
@@ -106,15 +116,11 @@ def test_a_retained_deploy_is_fetched_at_once_whatever_it_says_was_pushed(
     m = make_manifest(model, "2.0", spec=V2)
     rig.chunks.serve(model, m)
     _deploy_and_push(rig, model, m, pushed=5, send=range(0))  # retained, with no one to push to
-    a = _agent(rig, tmp_path, "dev-late")
-    a.start()
-    try:
+    with _running(rig, _agent(rig, tmp_path, "dev-late")) as a:
         rig.observer.wait_state("dev-late", "SUCCEEDED", m.rollout_id)
         assert a.counters.get("pushes_awaited") == 0
         assert a.counters.get("fetch_retries") == 0  # not a fetch timeout spent waiting for a push
         assert a.counters.get("fetches") >= 1
-    finally:
-        a.stop()
 
 
 def test_pushed_chunks_that_never_come_are_fetched_after_the_timeout(
@@ -165,30 +171,15 @@ def test_a_device_that_refuses_pushes_does_not_subscribe_and_fetches(
     rig: Rig, tmp_path: Path, model: bytes
 ) -> None:
     """accept_push = false: no push subscription, the deploy's count is ignored, the download fetches."""
-    state = tmp_path / "dev-n"
-    seed_active(state, build_model(V1), "1.0")
-    cfg = write_config(
-        tmp_path / "dev-n.toml",
-        "dev-n",
-        rig.port,
-        [rig.keys.public_hex],
-        state,
-        groups=(GROUP,),
-    )
-    cfg.write_text(cfg.read_text().replace("fsync_every = 4\n", "fsync_every = 4\naccept_push = false\n"))
-    a = Agent(load_settings(cfg))
+    a = _agent(rig, tmp_path, "dev-n", accept_push=False)
     assert topics.push_filter(GROUP) not in a._subscriptions()
-    a.start()
-    try:
-        rig.observer.wait(lambda: rig.observer.of("dev-n", "birth"), 20, "birth")
+    with _running(rig, a):
         m = make_manifest(model, "2.0", spec=V2)
         rig.chunks.serve(model, m)
         _deploy_and_push(rig, model, m, pushed=5, send=range(5))
         rig.observer.wait_state("dev-n", "SUCCEEDED", m.rollout_id)
         assert a.counters.get("pushes_awaited") == 0
         assert a.counters.get("fetches") >= 1
-    finally:
-        a.stop()
 
 
 def test_deploy_defaults_to_no_push() -> None:
